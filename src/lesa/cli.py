@@ -1,0 +1,227 @@
+"""The `lesa` command line: record, train, generate."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .models import DEFAULT_MODEL
+
+
+def _pipeline_args(p: argparse.ArgumentParser, model_help: str) -> None:
+    p.add_argument("--model", default=None, help=model_help)
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--dtype", default=None, help="pipeline dtype (default: bfloat16 on cuda, float32 on cpu)")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lesa", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    model_help = f"local diffusers pipeline directory or hub id (default: {DEFAULT_MODEL}, built locally)"
+
+    rec = sub.add_parser("record", help="record feature trajectories of the unaccelerated pipeline")
+    _pipeline_args(rec, model_help)
+    rec.add_argument("--prompts", required=True, help="text file, one prompt per line")
+    rec.add_argument("--out", required=True, help="output directory (resumed if it holds a matching recording)")
+    rec.add_argument("--steps", type=int, default=50)
+    rec.add_argument("--height", type=int, default=None)
+    rec.add_argument("--width", type=int, default=None)
+    rec.add_argument("--seed", type=int, default=0, help="prompt i uses seed + i")
+    rec.add_argument("--guidance-scale", type=float, default=None)
+    rec.add_argument("--negative-prompt", default=None, help="record a true-CFG unconditional pass with this prompt")
+    rec.add_argument("--record-dtype", default="bfloat16", help="dtype of the stored features (default bfloat16)")
+
+    tr = sub.add_parser("train", help="train a LESA predictor (phase gt, then phase clar)")
+    _pipeline_args(tr, "pipeline for the closed-loop phase and validation (default: the recorded one)")
+    tr.add_argument("--data", required=True, help="a `lesa record` output directory")
+    tr.add_argument("--out", required=True, help="predictor directory to write (resumed from its checkpoints)")
+    tr.add_argument("--interval", type=int, default=7, help="N: a full step every N steps")
+    tr.add_argument("--warmup", type=int, default=3, help="E: steps 0..E are full")
+    tr.add_argument("--phases", default="gt,clar", help="comma-separated: gt, clar")
+    tr.add_argument("--epochs", type=int, default=3, help="epochs of phase gt")
+    tr.add_argument("--epochs-clar", type=int, default=10, help="epochs of phase clar (our calibration: >= 10)")
+    tr.add_argument("--lr-gt", type=float, default=1e-3)
+    tr.add_argument("--lr-clar", type=float, default=3e-3)
+    tr.add_argument("--lr-min", type=float, default=1e-4)
+    tr.add_argument("--batch-size", type=int, default=8, help="trajectories per minibatch")
+    tr.add_argument("--val-fraction", type=float, default=0.2)
+    tr.add_argument("--seeds", type=int, default=1, help="train K seeds, keep the best on validation")
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument(
+        "--target",
+        choices=("feature", "output"),
+        default="feature",
+        help="closed-loop loss on the tapped feature (paper) or on the transformer output",
+    )
+    tr.add_argument("--thresholds", default="0.9,0.5", help="stage thresholds on sigma")
+    tr.add_argument("--windows", default="4,8,8", help="history window K per stage")
+    tr.add_argument("--kan-hidden", default="256,256", help="hidden widths of the gain KAN")
+    tr.add_argument("--restart", action="store_true", help="ignore existing checkpoints in --out")
+
+    gen = sub.add_parser("generate", help="generate an image, accelerated")
+    _pipeline_args(gen, model_help)
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--out", required=True, help="output image file (.png)")
+    gen.add_argument("--cache", choices=("none", "fora", "taylorseer", "lesa"), default="lesa")
+    gen.add_argument("--predictor", default=None, help="LESA predictor directory")
+    gen.add_argument("--interval", type=int, default=None, help="N (default: the predictor's, else 7)")
+    gen.add_argument("--warmup", type=int, default=None, help="E (default: the predictor's, else 3)")
+    gen.add_argument("--order", type=int, default=1, help="TaylorSeer order")
+    gen.add_argument("--damping", type=float, default=1.0, help="TaylorSeer damping of the difference terms")
+    gen.add_argument("--steps", type=int, default=50)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--height", type=int, default=None)
+    gen.add_argument("--width", type=int, default=None)
+    gen.add_argument("--guidance-scale", type=float, default=None)
+    gen.add_argument("--json", action="store_true", help="print one JSON object with the measurements")
+    return parser
+
+
+def _ints(text: str, name: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise SystemExit(f"lesa: --{name} expects comma-separated integers, got {text!r}") from None
+
+
+def _floats(text: str, name: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise SystemExit(f"lesa: --{name} expects comma-separated numbers, got {text!r}") from None
+
+
+def _record(args) -> int:
+    from .models import load_pipeline, model_label
+    from .record import read_prompts, record
+
+    prompts = read_prompts(args.prompts)
+    pipe = load_pipeline(args.model, args.device, args.dtype)
+    result = record(
+        pipe,
+        prompts,
+        args.out,
+        model=model_label(args.model),
+        steps=args.steps,
+        height=args.height,
+        width=args.width,
+        seed=args.seed,
+        dtype=args.record_dtype,
+        guidance_scale=args.guidance_scale,
+        negative_prompt=args.negative_prompt,
+    )
+    print(f"recorded {result.recorded} prompt(s) ({result.skipped} already done): {result.manifest}")
+    return 0
+
+
+def _train(args) -> int:
+    import shutil
+
+    from .models import load_pipeline
+    from .record import Recording
+    from .train import TrainConfig, Trainer
+
+    rec = Recording(args.data)
+    config = TrainConfig(
+        interval=args.interval,
+        warmup=args.warmup,
+        phases=tuple(p.strip() for p in args.phases.split(",")),
+        epochs_gt=args.epochs,
+        epochs_clar=args.epochs_clar,
+        lr_gt=args.lr_gt,
+        lr_clar=args.lr_clar,
+        lr_min=args.lr_min,
+        batch_size=args.batch_size,
+        val_fraction=args.val_fraction,
+        seeds=args.seeds,
+        seed=args.seed,
+        target=args.target,
+        thresholds=_floats(args.thresholds, "thresholds"),
+        windows=_ints(args.windows, "windows"),
+        kan_hidden=_ints(args.kan_hidden, "kan-hidden"),
+    )
+    model = args.model or rec.settings["model"]
+    pipe = load_pipeline(model, args.device, args.dtype)
+    if args.restart:
+        shutil.rmtree(Path(args.out) / "checkpoints", ignore_errors=True)
+    Trainer(rec, pipe, args.out, config).run()
+    return 0
+
+
+def _generate(args) -> int:
+    from . import FORAConfig, LESAConfig, NoCacheConfig, TaylorSeerConfig, enable, summary
+    from .models import DEFAULT_MODEL, load_pipeline, model_label
+
+    schedule = {k: v for k, v in (("interval", args.interval), ("warmup", args.warmup)) if v is not None}
+    if args.cache == "lesa":
+        if args.predictor is None:
+            raise SystemExit("lesa: --cache lesa needs --predictor DIR (no predictor ships for the default model yet)")
+        config = LESAConfig(predictor=args.predictor, **schedule)
+    elif args.cache == "fora":
+        config = FORAConfig(**schedule)
+    elif args.cache == "taylorseer":
+        config = TaylorSeerConfig(order=args.order, damping=args.damping, **schedule)
+    else:
+        config = NoCacheConfig()
+    pipe = load_pipeline(args.model, args.device, args.dtype)
+    if args.model in (None, DEFAULT_MODEL) and not args.json:
+        print(
+            f"note: no --model given: using {DEFAULT_MODEL}, a tiny FluxPipeline with random weights built "
+            "locally; its images are noise (the workflow runs, the picture means nothing)",
+            file=sys.stderr,
+        )
+    enable(pipe, config)
+    kwargs = {"num_inference_steps": args.steps}
+    for key in ("height", "width", "guidance_scale"):
+        if getattr(args, key) is not None:
+            kwargs[key] = getattr(args, key)
+    device = str(pipe.transformer.device)
+    start = time.perf_counter()
+    image = pipe(prompt=args.prompt, generator=torch.Generator(device).manual_seed(args.seed), **kwargs).images[0]
+    seconds = time.perf_counter() - start
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    image.save(out)
+    info = summary(pipe)
+    result = {
+        "model": model_label(args.model),
+        "cache": args.cache,
+        "steps": info["steps"],
+        "full_steps": info["full_steps"],
+        "trunk_speedup": info["trunk_speedup"],
+        "flops_speedup": info["flops_speedup"],
+        "head_share": info["head_share"],
+        "seconds": seconds,
+        "out": str(out),
+    }
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(
+            f"{args.cache}: {info['full_steps']} of {info['steps']} steps ran the trunk; FLOPs speed-up "
+            f"{info['flops_speedup']:.2f}x (counted; cached step costs {info['head_share'] or 0:.1%} of a full "
+            f"one); {seconds:.2f} s; wrote {out}"
+        )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    handlers = {"record": _record, "train": _train, "generate": _generate}
+    try:
+        return handlers[args.command](args)
+    except (ValueError, FileNotFoundError, OSError, RuntimeError) as e:
+        if os.environ.get("LESA_DEBUG"):
+            raise
+        print(f"lesa {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

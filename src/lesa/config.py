@@ -1,0 +1,97 @@
+"""Configuration dataclasses, one per caching method; each knows its schedule and builds its per-context policy."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .policies import LESAPolicy, Policy, ReusePolicy, TaylorSeerPolicy
+from .predictor import LESAPredictor
+from .schedule import StepSchedule
+
+
+@dataclass
+class CacheConfig:
+    """No caching: every step runs the trunk (the hook still counts calls and FLOPs)."""
+
+    interval: int = 1
+    warmup: int = 3
+    forced_full_steps: tuple[int, ...] = field(default_factory=tuple)
+    count_flops: bool = True
+
+    name = "none"
+
+    def schedule(self) -> StepSchedule:
+        return StepSchedule(self.interval, self.warmup, tuple(self.forced_full_steps))
+
+    def make_policy(self, context: str) -> Policy:
+        return Policy()
+
+    def check_model(self, model_class: str) -> None:
+        """Refuse a model this configuration was not made for."""
+
+
+NoCacheConfig = CacheConfig
+
+
+@dataclass
+class FORAConfig(CacheConfig):
+    """FORA: a cached step reuses the last computed tapped feature."""
+
+    interval: int = 7
+    name = "fora"
+
+    def make_policy(self, context: str) -> Policy:
+        return ReusePolicy()
+
+
+@dataclass
+class TaylorSeerConfig(CacheConfig):
+    """TaylorSeer of order `order` on the tapped feature; `damping` scales every term beyond the value (1 = paper)."""
+
+    interval: int = 7
+    order: int = 1
+    damping: float = 1.0
+    name = "taylorseer"
+
+    def make_policy(self, context: str) -> Policy:
+        return TaylorSeerPolicy(self.order, self.damping)
+
+
+@dataclass
+class LESAConfig(CacheConfig):
+    """LESA with a trained predictor (an instance or a directory). interval / warmup default to the predictor's."""
+
+    predictor: LESAPredictor | str | Path | None = None
+    interval: int | None = None
+    warmup: int | None = None
+    differentiable: bool = False
+    name = "lesa"
+
+    def __post_init__(self) -> None:
+        if self.predictor is None:
+            raise ValueError("LESAConfig needs a predictor: LESAConfig(predictor=DIR or LESAPredictor)")
+        if not isinstance(self.predictor, LESAPredictor):
+            self.predictor = LESAPredictor.from_pretrained(self.predictor)
+        pc = self.predictor.config
+        if self.interval is None:
+            self.interval = pc.interval
+        if self.warmup is None:
+            self.warmup = pc.warmup
+        if not self.forced_full_steps:
+            self.forced_full_steps = tuple(pc.forced_full_steps)
+        if (self.interval, self.warmup) != (pc.interval, pc.warmup):
+            warnings.warn(
+                f"predictor trained for interval {pc.interval}, warmup {pc.warmup}; running with interval "
+                f"{self.interval}, warmup {self.warmup}",
+                stacklevel=2,
+            )
+
+    def make_policy(self, context: str) -> Policy:
+        return LESAPolicy(self.predictor, self.predictor.resolve_context(context), self.differentiable)
+
+    def check_model(self, model_class: str) -> None:
+        trained = self.predictor.config.model_class
+        if trained != model_class:
+            raise ValueError(f"predictor was trained for {trained}, but the transformer is a {model_class}")

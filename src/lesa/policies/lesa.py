@@ -1,0 +1,67 @@
+"""The learned LESA forecast as a policy: history of the last features, per-step coefficients, stage experts."""
+
+from __future__ import annotations
+
+import torch
+
+from ..predictor import LESAPredictor, forecast_flops
+from .base import Policy
+
+
+class LESAPolicy(Policy):
+    """History of the last `history` tapped features (computed or forecast) of one cache context.
+
+    Inference computes each step's coefficients once per schedule and forecasts in the feature dtype. With
+    `differentiable=True` (closed-loop training) a forecast carries gradients to the predictor's weights; the history
+    keeps it detached (one-step gradients, no back-propagation through time).
+    """
+
+    name = "lesa"
+
+    def __init__(self, predictor: LESAPredictor, context: str, differentiable: bool = False) -> None:
+        self.predictor = predictor
+        self.context = context
+        self.differentiable = differentiable
+        self.history: list[torch.Tensor] = []
+        self.sigmas: torch.Tensor | None = None
+        self.table: list[tuple[list[float], float]] | None = None
+
+    def begin(self, sigmas: torch.Tensor | None) -> None:
+        self.history = []
+        schedule = sigmas if sigmas is not None else self.predictor.config.sigmas
+        self.sigmas = self.predictor.check_schedule(schedule)
+        if not self.differentiable:
+            self.table = self.predictor.coefficient_table(self.context, self.sigmas)
+
+    def _push(self, feature: torch.Tensor) -> None:
+        self.history.append(feature)
+        del self.history[: -self.predictor.config.history]
+
+    def observe(self, feature: torch.Tensor, step: int, sigma: float) -> None:
+        width = self.predictor.config.feature_dim
+        if feature.shape[-1] != width:
+            raise ValueError(
+                f"predictor was trained on features of width {width}, but this model's tapped feature has width "
+                f"{feature.shape[-1]} (shape {tuple(feature.shape)})"
+            )
+        self._push(feature.detach())
+
+    def forecast(self, step: int, sigma: float) -> torch.Tensor:
+        if step >= self.predictor.config.num_steps:
+            raise ValueError(
+                f"step {step} is beyond the {self.predictor.config.num_steps} steps this predictor was trained for"
+            )
+        if not self.differentiable:
+            coeffs, offset = self.table[step]
+            out = LESAPredictor.apply_coefficients(self.history, coeffs, offset)
+            self._push(out)
+            return out
+        dtype = self.history[-1].dtype
+        with torch.enable_grad():
+            out = self.predictor.forecast([h.float() for h in self.history], self.context, step, self.sigmas)
+            out = out.to(dtype)
+        self._push(out.detach())
+        return out
+
+    def forecast_flops(self, numel: int) -> int:
+        return forecast_flops(max(self.predictor.config.windows), numel)

@@ -1,0 +1,18 @@
+"""The LESA predictor: B-spline KAN, stage experts and the saved artefact."""
+
+from .experts import StageExpert, pad_window, stage_of
+from .kan import KAN, KANLinear, bspline_bases, uniform_knots
+from .model import LESAPredictor, PredictorConfig, forecast_flops
+
+__all__ = [
+    "KAN",
+    "KANLinear",
+    "LESAPredictor",
+    "PredictorConfig",
+    "StageExpert",
+    "bspline_bases",
+    "forecast_flops",
+    "pad_window",
+    "stage_of",
+    "uniform_knots",
+]

@@ -1,0 +1,204 @@
+"""The LESA predictor: per cache context, one expert per noise stage; saved as config.json + model.safetensors."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..io import atomic_path, atomic_write_text
+from .experts import StageExpert, pad_window, stage_of
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+CARD_NAME = "README.md"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class PredictorConfig:
+    """Everything a predictor was trained for; saved as config.json beside the weights."""
+
+    model_class: str
+    tap: str
+    num_steps: int
+    sigmas: list[float]
+    feature_dim: int
+    dtype: str = "bfloat16"
+    interval: int = 7
+    warmup: int = 3
+    forced_full_steps: list[int] = field(default_factory=list)
+    thresholds: list[float] = field(default_factory=lambda: [0.9, 0.5])
+    windows: list[int] = field(default_factory=lambda: [4, 8, 8])
+    history: int = 8
+    contexts: list[str] = field(default_factory=lambda: ["cond"])
+    kan_hidden: list[int] = field(default_factory=lambda: [256, 256])
+    grid_size: int = 5
+    spline_order: int = 3
+    grid_range: list[float] = field(default_factory=lambda: [-3.0, 3.0])
+    target: str = "feature"
+    base_model: str = ""
+    format_version: int = FORMAT_VERSION
+
+    def __post_init__(self) -> None:
+        if len(self.windows) != len(self.thresholds) + 1:
+            raise ValueError(
+                f"windows has {len(self.windows)} entries but {len(self.thresholds)} thresholds make "
+                f"{len(self.thresholds) + 1} stages"
+            )
+        if any(a <= b for a, b in zip(self.thresholds, self.thresholds[1:], strict=False)):
+            raise ValueError(f"thresholds must decrease strictly, got {self.thresholds}")
+        if min(self.windows) < 1 or max(self.windows) > self.history:
+            raise ValueError(f"every window K must lie in 1..history={self.history}, got {self.windows}")
+        if len(self.sigmas) < self.num_steps:
+            raise ValueError(f"sigmas has {len(self.sigmas)} values for {self.num_steps} steps")
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "config") -> PredictorConfig:
+        known = {f.name for f in fields(cls)}
+        missing = [
+            f.name
+            for f in fields(cls)
+            if f.name in ("model_class", "tap", "num_steps", "sigmas", "feature_dim") and f.name not in data
+        ]
+        if missing:
+            raise ValueError(f"{source}: missing required field(s) {missing}")
+        version = data.get("format_version", FORMAT_VERSION)
+        if version > FORMAT_VERSION:
+            raise ValueError(
+                f"{source}: format_version {version} is newer than this lesa understands ({FORMAT_VERSION})"
+            )
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+class LESAPredictor(nn.Module):
+    """Forecasts the tapped feature of a cached step from the last K features of the same cache context.
+
+    forecast = h[-1] + alpha(step) * (w . h[-K:] + b), with (w, b) and the KAN behind alpha chosen by the stage of the
+    current sigma. Master weights stay fp32; at inference the forecast runs in the feature's own dtype with the
+    per-step coefficients computed once per sigma schedule.
+    """
+
+    def __init__(self, config: PredictorConfig) -> None:
+        super().__init__()
+        self.config = config
+        kan_kwargs = dict(
+            grid_size=config.grid_size, spline_order=config.spline_order, grid_range=tuple(config.grid_range)
+        )
+        self.experts = nn.ModuleDict(
+            {
+                ctx: nn.ModuleList(
+                    StageExpert(k, len(config.sigmas), tuple(config.kan_hidden), **kan_kwargs) for k in config.windows
+                )
+                for ctx in config.contexts
+            }
+        )
+
+    # -- routing and coefficients -------------------------------------------------------------------------------
+    def expert(self, context: str, sigma: float) -> StageExpert:
+        return self.experts[self.resolve_context(context)][stage_of(sigma, tuple(self.config.thresholds))]
+
+    def resolve_context(self, context: str) -> str:
+        """The context whose experts serve `context` (an unknown context is served by the first trained one)."""
+        return context if context in self.experts else self.config.contexts[0]
+
+    def check_schedule(self, sigmas: list[float] | torch.Tensor) -> torch.Tensor:
+        sigmas = torch.as_tensor(sigmas, dtype=torch.float32).flatten()
+        if sigmas.numel() != len(self.config.sigmas):
+            raise ValueError(
+                f"this predictor was trained on a sigma schedule of {len(self.config.sigmas)} values "
+                f"({self.config.num_steps} steps); the pipeline's schedule has {sigmas.numel()} values"
+            )
+        return sigmas
+
+    @torch.no_grad()
+    def coefficient_table(self, context: str, sigmas: list[float] | torch.Tensor) -> list[tuple[list[float], float]]:
+        """Per step: (filter coefficients c[0..K-1], offset c0) with the gain folded in, as Python floats."""
+        sigmas = self.check_schedule(sigmas)
+        table = []
+        for step in range(self.config.num_steps):
+            c, c0 = self.expert(context, float(sigmas[step])).coefficients(float(sigmas[step]), sigmas)
+            table.append((c.tolist(), float(c0)))
+        return table
+
+    # -- forecasting ----------------------------------------------------------------------------------------------
+    @staticmethod
+    def apply_coefficients(history: list[torch.Tensor], coeffs: list[float], offset: float) -> torch.Tensor:
+        """h[-1] + offset + sum_k coeffs[k] * window[k], in the history's dtype (inference path, no autograd)."""
+        window = pad_window(history, len(coeffs))
+        out = history[-1] + offset
+        for c, h in zip(coeffs, window, strict=True):
+            out.add_(h, alpha=c)
+        return out
+
+    def forecast(self, history: list[torch.Tensor], context: str, step: int, sigmas: torch.Tensor) -> torch.Tensor:
+        """Differentiable forecast (training path): history entries are (…) tensors, oldest first."""
+        sigma = float(sigmas[step])
+        expert = self.expert(context, sigma)
+        c, c0 = expert.coefficients(sigma, sigmas)
+        window = pad_window(history, expert.window)
+        out = history[-1] + c0
+        for k, h in enumerate(window):
+            out = out + c[k] * h
+        return out
+
+    # -- persistence ----------------------------------------------------------------------------------------------
+    def save_pretrained(self, directory: str | Path, card: str | None = None) -> None:
+        """Write config.json, model.safetensors (fp32) and, if given, a README.md model card, each atomically."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().float().contiguous().cpu() for k, v in self.state_dict().items()}
+        with atomic_path(directory / WEIGHTS_NAME) as tmp:
+            save_file(tensors, str(tmp), metadata={"format": "pt", "lesa_format_version": str(FORMAT_VERSION)})
+        atomic_write_text(directory / CONFIG_NAME, json.dumps(asdict(self.config), indent=2) + "\n")
+        if card is not None:
+            atomic_write_text(directory / CARD_NAME, card)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path) -> LESAPredictor:
+        """Load a predictor directory written by `save_pretrained`."""
+        directory = Path(directory)
+        config_file, weights_file = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+        if not directory.is_dir():
+            raise FileNotFoundError(f"predictor directory {directory} does not exist")
+        for f in (config_file, weights_file):
+            if not f.is_file():
+                raise FileNotFoundError(f"predictor directory {directory} has no {f.name}")
+        try:
+            data = json.loads(config_file.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{config_file} is not valid JSON: {e}") from e
+        model = cls(PredictorConfig.from_dict(data, source=str(config_file)))
+        try:
+            state = load_file(str(weights_file))
+        except Exception as e:  # safetensors raises several types for damaged files
+            raise ValueError(f"{weights_file} is not a readable safetensors file: {e}") from e
+        expected = model.state_dict()
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(expected))
+        if missing or unexpected:
+            raise ValueError(
+                f"{weights_file} does not match {config_file}: missing {missing[:5]}, unexpected {unexpected[:5]}"
+            )
+        for key, tensor in state.items():
+            if tensor.shape != expected[key].shape:
+                raise ValueError(
+                    f"{weights_file}: tensor {key} has shape {tuple(tensor.shape)}, "
+                    f"config.json implies {tuple(expected[key].shape)}"
+                )
+            if not torch.isfinite(tensor).all():
+                raise ValueError(f"{weights_file}: tensor {key} holds NaN or inf")
+        model.load_state_dict(state)
+        return model.eval()
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def forecast_flops(window: int, numel: int) -> int:
+    """Floating-point operations of one cached-step forecast: K multiply-adds per element plus the offset add."""
+    return (2 * window + 1) * numel

@@ -1,0 +1,338 @@
+"""The diffusers hooks that run a caching policy inside a transformer.
+
+Three hooks share one state per cache context (cond / uncond):
+- the root hook on the transformer tracks the step index and sigma, asks the schedule whether this step is full,
+  counts calls and FLOPs, and tells observers (recorder, trainer) what happened;
+- a trunk hook on every trunk block returns the block's inputs unchanged on cached steps, so no block runs;
+- the tap hook hands the tapped feature to the policy on full steps and swaps in the forecast on cached steps,
+  so the head still runs with the current step's conditioning.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from diffusers.hooks import HookRegistry, ModelHook
+from diffusers.hooks.hooks import BaseState, CacheContext, StateManager
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from .adapters import ModelAdapter, get_adapter
+from .config import CacheConfig
+from .policies import Policy
+
+ROOT_HOOK = "lesa_runtime"
+TRUNK_HOOK = "lesa_trunk"
+TAP_HOOK = "lesa_tap"
+_DEFAULT_CONTEXT = CacheContext("default")
+
+
+@dataclass
+class StepEvent:
+    """What one transformer call did, as observers see it."""
+
+    context: str
+    step: int
+    sigma: float
+    full: bool
+    tap: torch.Tensor
+    output: torch.Tensor
+    latents: torch.Tensor
+
+
+Observer = Callable[[StepEvent], None]
+
+
+@dataclass
+class ContextStats:
+    calls: int = 0
+    full: int = 0
+    block_calls: int = 0
+
+
+class _StateManager(StateManager):
+    """A StateManager that serves a "default" context when the transformer is called outside `cache_context`."""
+
+    @property
+    def context(self) -> CacheContext:
+        return self._context or _DEFAULT_CONTEXT
+
+
+class ContextState(BaseState):
+    """Per cache context: the policy and where this context is in its generation."""
+
+    def __init__(self, runtime: CacheRuntime) -> None:
+        self.runtime = runtime
+        self.policy: Policy | None = None
+        self.step = 0  # index of the next call
+        self.last_sigma: float | None = None
+        self.last_full: int | None = None
+        # the call in progress
+        self.current_step = 0
+        self.current_sigma = 1.0
+        self.full = True
+        self.tap: torch.Tensor | None = None
+
+    def reset(self) -> None:
+        self.policy = None
+        self.step, self.last_sigma, self.last_full = 0, None, None
+
+
+class CacheRuntime:
+    """Everything one enabled transformer shares between its hooks: adapter, schedule, policies, counters."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        config: CacheConfig,
+        sigma_source: Callable[[], torch.Tensor | None] | None = None,
+    ) -> None:
+        self.adapter: ModelAdapter = get_adapter(model)
+        config.check_model(self.adapter.model_class)
+        self.config = config
+        self.schedule = config.schedule()
+        self.sigma_source = sigma_source
+        self.state_manager = _StateManager(ContextState, (self,), {})
+        self.num_blocks = len(self.adapter.trunk_blocks(model))
+        self.observers: list[Observer] = []
+        self.differentiable = bool(getattr(config, "differentiable", False))
+        self.stats: dict[str, ContextStats] = {}
+        self.call_flops: dict[tuple[bool, tuple[int, ...]], int] = {}
+        self._forward_params = list(inspect.signature(type(model).forward).parameters)[1:]
+
+    # -- the step a call belongs to ---------------------------------------------------------------------------------
+    def argument(self, name: str, args: tuple, kwargs: dict) -> Any:
+        if name in kwargs:
+            return kwargs[name]
+        index = self._forward_params.index(name)
+        return args[index] if index < len(args) else None
+
+    def _start_generation(self, name: str, state: ContextState) -> None:
+        if name in self.stats:  # a context seen before starts again: a new generation, drop the old counts
+            self.stats.clear()
+        self.stats[name] = ContextStats()
+        sigmas = self.sigma_source() if self.sigma_source is not None else None
+        if sigmas is not None:
+            sigmas = torch.as_tensor(sigmas).detach().float().cpu().flatten()
+        state.policy = self.config.make_policy(name)
+        state.policy.begin(sigmas)
+        state.step, state.last_sigma, state.last_full = 0, None, None
+
+    def begin_call(self, args: tuple, kwargs: dict) -> tuple[str, ContextState]:
+        context = self.state_manager.context
+        state: ContextState = self.state_manager.get_state()
+        if context.sigma is not None:
+            sigma = float(context.sigma)
+        else:
+            timestep = self.argument(self.adapter.timestep_argument, args, kwargs)
+            sigma = float(torch.as_tensor(timestep).flatten()[0]) / self.adapter.timestep_scale
+        new_generation = (
+            state.policy is None
+            or context.step_index == 0
+            # pipelines that pass no step index: sigma rising again means a new generation began
+            or (context.step_index is None and state.last_sigma is not None and sigma > state.last_sigma + 1e-6)
+        )
+        if new_generation:
+            self._start_generation(context.name, state)
+        step = context.step_index if context.step_index is not None else state.step
+        state.current_step, state.current_sigma = step, sigma
+        state.full = self.schedule.is_full(step, state.last_full)
+        state.tap = None
+        return context.name, state
+
+    def end_call(self, name: str, state: ContextState) -> None:
+        stats = self.stats[name]
+        stats.calls += 1
+        stats.full += int(state.full)
+        if state.full:
+            state.last_full = state.current_step
+        state.step = state.current_step + 1
+        state.last_sigma = state.current_sigma
+
+    # -- reporting -------------------------------------------------------------------------------------------------
+    def summary(self) -> dict[str, Any]:
+        """Counts of the last generation: per context and in total, with the counted FLOPs speed-up."""
+        contexts = {
+            name: {
+                "steps": s.calls,
+                "full_steps": s.full,
+                "cached_steps": s.calls - s.full,
+                "trunk_executions": s.block_calls / self.num_blocks if self.num_blocks else 0,
+            }
+            for name, s in self.stats.items()
+        }
+        first = next(iter(contexts.values()), {"steps": 0, "full_steps": 0, "trunk_executions": 0})
+        full_flops = next((v for (full, _), v in self.call_flops.items() if full), None)
+        cached_flops = next((v for (full, _), v in self.call_flops.items() if not full), None)
+        calls = sum(s.calls for s in self.stats.values())
+        full_calls = sum(s.full for s in self.stats.values())
+        out: dict[str, Any] = {
+            "cache": self.config.name,
+            "interval": self.schedule.interval,
+            "warmup": self.schedule.warmup,
+            "steps": first["steps"],
+            "full_steps": first["full_steps"],
+            "trunk_executions": first["trunk_executions"],
+            "trunk_speedup": first["steps"] / first["full_steps"] if first["full_steps"] else None,
+            "contexts": contexts,
+            "flops_full_call": full_flops,
+            "flops_cached_call": cached_flops,
+            "head_share": None,
+            "flops_speedup": None,
+        }
+        if full_flops:
+            actual = full_calls * full_flops + (calls - full_calls) * (cached_flops or 0)
+            out["flops_speedup"] = calls * full_flops / actual if actual else None
+            if cached_flops is not None:
+                out["head_share"] = cached_flops / full_flops
+        return out
+
+
+def _first_tensor(output: Any) -> torch.Tensor:
+    if isinstance(output, torch.Tensor):
+        return output
+    if hasattr(output, "sample"):
+        return output.sample
+    return output[0]
+
+
+class RootHook(ModelHook):
+    """On the transformer: step and sigma tracking, FLOPs counting, observers."""
+
+    _is_stateful = True
+
+    def __init__(self, runtime: CacheRuntime) -> None:
+        super().__init__()
+        self.runtime = runtime
+        self.state_manager = runtime.state_manager
+
+    def new_forward(self, module: nn.Module, *args, **kwargs):
+        rt = self.runtime
+        name, state = rt.begin_call(args, kwargs)
+        latents = rt.argument(rt.adapter.latent_argument, args, kwargs)
+        key = (state.full, tuple(latents.shape))
+        counting = rt.config.count_flops and key not in rt.call_flops
+        # closed-loop training: the forecast carries gradients through the head and into the observers' losses
+        grad = rt.differentiable and not state.full
+        with torch.enable_grad() if grad else contextlib.nullcontext():
+            if counting:
+                with FlopCounterMode(display=False) as counter:
+                    output = self.fn_ref.original_forward(*args, **kwargs)
+                flops = counter.get_total_flops()
+                if not state.full and state.tap is not None:
+                    flops += state.policy.forecast_flops(state.tap.numel())
+                rt.call_flops[key] = flops
+            else:
+                output = self.fn_ref.original_forward(*args, **kwargs)
+            rt.end_call(name, state)
+            if rt.observers:
+                event = StepEvent(
+                    name, state.current_step, state.current_sigma, state.full, state.tap, _first_tensor(output), latents
+                )
+                for observer in rt.observers:
+                    observer(event)
+        return output
+
+    def reset_state(self, module: nn.Module) -> nn.Module:
+        self.state_manager.reset()
+        return module
+
+
+class TrunkBlockHook(ModelHook):
+    """On every trunk block: run it on full steps, return its inputs unchanged on cached steps."""
+
+    def __init__(self, runtime: CacheRuntime, block: nn.Module) -> None:
+        super().__init__()
+        self.runtime = runtime
+        self._params = list(inspect.signature(type(block).forward).parameters)[1:]
+
+    def _arg(self, name: str, args: tuple, kwargs: dict) -> Any:
+        return kwargs[name] if name in kwargs else args[self._params.index(name)]
+
+    def new_forward(self, module: nn.Module, *args, **kwargs):
+        rt = self.runtime
+        state: ContextState = rt.state_manager.get_state()
+        if state.full:
+            rt.stats[rt.state_manager.context.name].block_calls += 1
+            return self.fn_ref.original_forward(*args, **kwargs)
+        returns = rt.adapter.block_returns
+        if len(returns) == 1:
+            return self._arg(returns[0], args, kwargs)
+        return tuple(self._arg(n, args, kwargs) for n in returns)
+
+
+class TapHook(ModelHook):
+    """On the tap module: the policy observes the real feature (full step) or supplies the forecast (cached step)."""
+
+    def __init__(self, runtime: CacheRuntime, module: nn.Module) -> None:
+        super().__init__()
+        self.runtime = runtime
+        self._params = list(inspect.signature(type(module).forward).parameters)[1:]
+
+    def _exchange(self, feature: torch.Tensor) -> torch.Tensor:
+        state: ContextState = self.runtime.state_manager.get_state()
+        if state.full:
+            state.policy.observe(feature, state.current_step, state.current_sigma)
+        else:
+            feature = state.policy.forecast(state.current_step, state.current_sigma)
+        state.tap = feature
+        return feature
+
+    def pre_forward(self, module: nn.Module, *args, **kwargs):
+        if self.runtime.adapter.tap_point != "input":
+            return args, kwargs
+        if "hidden_states" in kwargs:
+            kwargs["hidden_states"] = self._exchange(kwargs["hidden_states"])
+        else:
+            args = (self._exchange(args[0]), *args[1:])
+        return args, kwargs
+
+    def post_forward(self, module: nn.Module, output: Any) -> Any:
+        if self.runtime.adapter.tap_point != "output":
+            return output
+        return self._exchange(output)
+
+
+def apply_lesa_cache(
+    transformer: nn.Module,
+    config: CacheConfig,
+    sigma_source: Callable[[], torch.Tensor | None] | None = None,
+) -> CacheRuntime:
+    """Attach a caching policy to a diffusers transformer. `sigma_source` returns the current generation's full
+    sigma schedule (e.g. `lambda: pipe.scheduler.sigmas`); without it a LESA predictor uses its stored schedule."""
+    if hasattr(transformer, "_lesa_runtime"):
+        raise RuntimeError("lesa is already enabled on this transformer; call remove_lesa_cache(transformer) first")
+    runtime = CacheRuntime(transformer, config, sigma_source)
+    adapter = runtime.adapter
+    root = HookRegistry.check_if_exists_or_initialize(transformer)
+    root.register_hook(RootHook(runtime), ROOT_HOOK)
+    for _, block in adapter.trunk_blocks(transformer):
+        HookRegistry.check_if_exists_or_initialize(block).register_hook(TrunkBlockHook(runtime, block), TRUNK_HOOK)
+    tap_module = transformer.get_submodule(adapter.tap_module)
+    HookRegistry.check_if_exists_or_initialize(tap_module).register_hook(TapHook(runtime, tap_module), TAP_HOOK)
+    root.invalidate_child_registries_cache()
+    transformer._lesa_runtime = runtime
+    return runtime
+
+
+def remove_lesa_cache(transformer: nn.Module) -> None:
+    """Detach lesa's hooks; the transformer behaves exactly as before `apply_lesa_cache`."""
+    if not hasattr(transformer, "_lesa_runtime"):
+        return
+    root = HookRegistry.check_if_exists_or_initialize(transformer)
+    for name in (ROOT_HOOK, TRUNK_HOOK, TAP_HOOK):
+        root.remove_hook(name, recurse=True)
+    root.invalidate_child_registries_cache()
+    del transformer._lesa_runtime
+
+
+def get_runtime(transformer: nn.Module) -> CacheRuntime:
+    runtime = getattr(transformer, "_lesa_runtime", None)
+    if runtime is None:
+        raise RuntimeError("lesa is not enabled on this transformer")
+    return runtime

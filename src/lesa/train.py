@@ -1,0 +1,445 @@
+"""Train a LESA predictor from a recording: phase `gt` (teacher forcing) then phase `clar` (closed loop).
+
+Every epoch is scored by the closed-loop error of the final latent on a held-out split (the real pipeline from the
+recorded noise, the predictor's own forecasts fed back), and the best-scoring weights are kept: the last epoch is
+often not the best. Each phase has its own learning-rate schedule (cosine from its own peak to `lr_min`).
+Checkpoints after every epoch make a killed run resume where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from . import disable, enable
+from .adapters import get_adapter
+from .config import CacheConfig, FORAConfig, LESAConfig, TaylorSeerConfig
+from .io import atomic_path, atomic_write_text
+from .predictor import LESAPredictor, PredictorConfig
+from .record import Recording, call_kwargs
+from .runtime import StepEvent, get_runtime
+from .schedule import StepSchedule
+
+PHASES = ("gt", "clar")
+TARGETS = ("feature", "output")
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of `lesa train` (defaults follow our calibration, see the README)."""
+
+    interval: int = 7
+    warmup: int = 3
+    phases: tuple[str, ...] = PHASES
+    epochs_gt: int = 3
+    epochs_clar: int = 10
+    lr_gt: float = 1e-3
+    lr_clar: float = 3e-3
+    lr_min: float = 1e-4
+    weight_decay: float = 1e-4
+    grad_clip: float = 1.0
+    batch_size: int = 8
+    val_fraction: float = 0.2
+    seeds: int = 1
+    seed: int = 0
+    target: str = "feature"
+    thresholds: tuple[float, ...] = (0.9, 0.5)
+    windows: tuple[int, ...] = (4, 8, 8)
+    history: int = 8
+    kan_hidden: tuple[int, ...] = (256, 256)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        unknown = [p for p in self.phases if p not in PHASES]
+        if unknown or not self.phases:
+            raise ValueError(f"unknown phase(s) {unknown or self.phases}; phases are {', '.join(PHASES)}")
+        if self.target not in TARGETS:
+            raise ValueError(f"unknown loss target {self.target!r}; targets are {', '.join(TARGETS)}")
+        if not 0 < self.val_fraction < 1:
+            raise ValueError(f"val_fraction must lie in (0, 1), got {self.val_fraction}")
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What a checkpoint must share with the run that resumes it."""
+        data = asdict(self)
+        data.pop("seeds")
+        return json.loads(json.dumps(data))
+
+
+def split_indices(n: int, val_fraction: float) -> tuple[list[int], list[int]]:
+    """A fixed train / held-out split of n trajectories (independent of the training seed)."""
+    if n < 2:
+        raise ValueError(f"training needs at least 2 recorded trajectories (one held out for validation), got {n}")
+    order = list(range(n))
+    random.Random(1234).shuffle(order)
+    n_val = min(n - 1, max(1, round(n * val_fraction)))
+    return sorted(order[n_val:]), sorted(order[:n_val])
+
+
+def cosine_lr(peak: float, floor: float, t: int, total: int) -> float:
+    if total <= 1:
+        return peak
+    return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * min(t, total) / total))
+
+
+def latent_psnr(pred: torch.Tensor, ref: torch.Tensor) -> float:
+    """PSNR of a final latent against the full-compute latent, peak = the reference's range."""
+    mse = float(((pred.float() - ref.float()) ** 2).mean())
+    peak = float(ref.max() - ref.min())
+    return float("inf") if mse == 0 else 10 * math.log10(peak**2 / mse)
+
+
+class Trainer:
+    """Trains one or more seeds of a predictor on one recording, with checkpoints in `out/checkpoints`."""
+
+    def __init__(
+        self, recording: Recording, pipe, out_dir: str | Path, config: TrainConfig, log=print, progress: bool = True
+    ) -> None:
+        self.rec = recording
+        self.pipe = pipe
+        self.out = Path(out_dir)
+        self.cfg = config
+        self.log = log
+        self.progress = progress
+        self.settings = recording.settings
+        self.num_steps = self.settings["steps"]
+        self.schedule = StepSchedule(config.interval, config.warmup)
+        self.cached_steps = self.schedule.cached_steps(self.num_steps)
+        if not self.cached_steps:
+            raise ValueError(
+                f"interval {config.interval} / warmup {config.warmup} leave no cached step in "
+                f"{self.num_steps} steps: nothing to train"
+            )
+        self.train_idx, self.val_idx = split_indices(len(recording), config.val_fraction)
+        self.device = pipe.transformer.device
+        self.dtype = pipe.transformer.dtype
+        self.sigmas = torch.tensor(recording.sigmas, dtype=torch.float32)
+        model_class = type(pipe.transformer).__name__
+        if model_class != self.settings["model_class"]:
+            raise ValueError(
+                f"{recording.dir} was recorded from a {self.settings['model_class']}, "
+                f"but the pipeline's transformer is a {model_class}"
+            )
+
+    # -- predictor ---------------------------------------------------------------------------------------------------
+    def new_predictor(self, seed: int) -> LESAPredictor:
+        adapter = get_adapter(self.settings["model_class"])
+        torch.manual_seed(seed)
+        config = PredictorConfig(
+            model_class=self.settings["model_class"],
+            tap=adapter.tap,
+            num_steps=self.num_steps,
+            sigmas=list(self.rec.sigmas),
+            feature_dim=self.rec.feature_dim,
+            dtype=str(self.dtype).replace("torch.", ""),
+            interval=self.cfg.interval,
+            warmup=self.cfg.warmup,
+            thresholds=list(self.cfg.thresholds),
+            windows=list(self.cfg.windows),
+            history=self.cfg.history,
+            contexts=list(self.rec.contexts),
+            kan_hidden=list(self.cfg.kan_hidden),
+            target=self.cfg.target,
+            base_model=self.settings["model"],
+        )
+        return LESAPredictor(config).to(self.device)
+
+    def _update(self, predictor, optimizer, state: dict, loss: torch.Tensor, peak: float, total: int) -> float:
+        value = loss.detach().item()
+        if not math.isfinite(value):  # divergence guard: never let a NaN update reach the weights
+            state["skipped"] = state.get("skipped", 0) + 1
+            optimizer.zero_grad(set_to_none=True)
+            return value
+        for group in optimizer.param_groups:
+            group["lr"] = cosine_lr(peak, self.cfg.lr_min, state["t"], total)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(predictor.parameters(), self.cfg.grad_clip)
+        optimizer.step()
+        state["t"] += 1
+        return value
+
+    def _batches(self, indices: list[int], seed: int) -> list[list[int]]:
+        order = list(indices)
+        random.Random(seed).shuffle(order)
+        b = self.cfg.batch_size
+        return [order[i : i + b] for i in range(0, len(order), b)]
+
+    def _updates_per_epoch(self) -> int:
+        batches = math.ceil(len(self.train_idx) / self.cfg.batch_size)
+        return batches * len(self.cached_steps) * len(self.rec.contexts)
+
+    # -- phases ------------------------------------------------------------------------------------------------------
+    def gt_epoch(self, predictor, optimizer, state, epoch_seed: int, total: int, desc: str) -> float:
+        """Teacher forcing: the history always holds recorded features; no transformer call."""
+        losses = []
+        history = self.cfg.history
+        for batch in tqdm(self._batches(self.train_idx, epoch_seed), desc=desc, disable=not self.progress, leave=False):
+            data = [self.rec.load(i) for i in batch]
+            for ctx in self.rec.contexts:
+                feats = torch.stack([d[f"{ctx}.feature"] for d in data], 1).to(self.device, torch.float32)
+                for s in self.cached_steps:
+                    past = [feats[j] for j in range(max(0, s - history), s)]
+                    pred = predictor.forecast(past, ctx, s, self.sigmas)
+                    loss = (pred - feats[s]).abs().mean()
+                    losses.append(self._update(predictor, optimizer, state, loss, self.cfg.lr_gt, total))
+        return sum(losses) / len(losses)
+
+    def clar_epoch(self, predictor, optimizer, state, epoch_seed: int, total: int, desc: str) -> float:
+        """Closed loop: the real sampler from the recorded noise; forecasts feed back; loss vs the recording."""
+        losses: list[float] = []
+        targets: dict[str, torch.Tensor] = {}
+        key = "feature" if self.cfg.target == "feature" else "output"
+
+        def observer(event: StepEvent) -> None:
+            if event.full:
+                return
+            pred = event.tap if key == "feature" else event.output
+            target = targets[event.context][event.step].to(pred.device)
+            loss = (pred.float() - target).abs().mean()
+            losses.append(self._update(predictor, optimizer, state, loss, self.cfg.lr_clar, total))
+
+        config = LESAConfig(predictor=predictor, differentiable=True, count_flops=False)
+        transformer = self.pipe.transformer
+        grads = [p.requires_grad for p in transformer.parameters()]
+        transformer.requires_grad_(False)
+        enable(self.pipe, config)
+        get_runtime(transformer).observers.append(observer)
+        try:
+            for batch in tqdm(
+                self._batches(self.train_idx, epoch_seed), desc=desc, disable=not self.progress, leave=False
+            ):
+                data = [self.rec.load(i) for i in batch]
+                for ctx in self.rec.contexts:
+                    targets[ctx] = torch.stack([d[f"{ctx}.{key}"] for d in data], 1).float()
+                self._run(batch, data)
+        finally:
+            disable(self.pipe)
+            for p, g in zip(transformer.parameters(), grads, strict=True):
+                p.requires_grad_(g)
+        return sum(losses) / max(len(losses), 1)
+
+    def _run(self, batch: list[int], data: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+        prompts = [self.rec.entries[i]["prompt"] for i in batch]
+        noise = torch.stack([d["noise"] for d in data]).to(self.device, self.dtype)
+        return self.pipe(prompt=prompts, latents=noise, **call_kwargs(self.settings)).images
+
+    # -- validation --------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def closed_loop_error(self, config: CacheConfig, indices: list[int] | None = None) -> dict[str, float]:
+        """Mean MSE and PSNR of the final latent against the recording, running the pipeline with `config`."""
+        indices = self.val_idx if indices is None else indices
+        mses, psnrs = [], []
+        enable(self.pipe, config)
+        try:
+            for batch in self._batches(indices, 0):
+                data = [self.rec.load(i) for i in batch]
+                final = self._run(batch, data).float().cpu()
+                for out, d in zip(final, data, strict=True):
+                    mses.append(float(((out - d["final"]) ** 2).mean()))
+                    psnrs.append(latent_psnr(out, d["final"]))
+        finally:
+            disable(self.pipe)
+        return {"mse": sum(mses) / len(mses), "psnr": sum(psnrs) / len(psnrs)}
+
+    def score(self, predictor: LESAPredictor) -> dict[str, float]:
+        return self.closed_loop_error(LESAConfig(predictor=predictor, count_flops=False))
+
+    # -- one seed, resumable -----------------------------------------------------------------------------------------
+    def train_seed(self, seed: int) -> dict[str, Any]:
+        ckpt_path = self.out / "checkpoints" / f"seed{seed}.pt"
+        predictor = self.new_predictor(seed)
+        fingerprint = self.cfg.fingerprint()
+        if ckpt_path.exists():
+            ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+            if ckpt["fingerprint"] != fingerprint:
+                diff = [k for k in fingerprint if ckpt["fingerprint"].get(k) != fingerprint[k]]
+                raise ValueError(
+                    f"{ckpt_path} was made with other settings ({', '.join(diff)}); "
+                    f"train into another --out or pass --restart"
+                )
+            predictor.load_state_dict(ckpt["predictor"])
+            if not ckpt["done"]:
+                phase = self.cfg.phases[ckpt["phase_index"]] if ckpt["phase_index"] >= 0 else "init"
+                self.log(f"seed {seed}: resuming from {ckpt_path} after {phase} epoch {ckpt['epoch']}")
+        else:
+            ckpt = {"fingerprint": fingerprint, "phase_index": -1, "epoch": 0, "log": [], "done": False}
+            init = self.score(predictor)
+            ckpt.update(best=init, best_state=_cpu_state(predictor), best_at="init")
+            ckpt["log"].append({"phase": "init", "epoch": 0, "val": init})
+        if ckpt["done"]:
+            return ckpt
+        epochs = {"gt": self.cfg.epochs_gt, "clar": self.cfg.epochs_clar}
+        peaks = {"gt": self.cfg.lr_gt, "clar": self.cfg.lr_clar}
+        for p, phase in enumerate(self.cfg.phases):
+            resuming = p == ckpt["phase_index"]
+            if p < ckpt["phase_index"] or (resuming and ckpt["epoch"] >= epochs[phase]):
+                continue
+            # a fresh optimizer and learning-rate schedule for every phase (never the previous phase's)
+            optimizer = torch.optim.AdamW(predictor.parameters(), lr=peaks[phase], weight_decay=self.cfg.weight_decay)
+            total = epochs[phase] * self._updates_per_epoch()
+            state, start = {"t": 0}, 1
+            if resuming:
+                optimizer.load_state_dict(ckpt["optimizer"])
+                state, start = ckpt["opt_state"], ckpt["epoch"] + 1
+            run_epoch = self.gt_epoch if phase == "gt" else self.clar_epoch
+            for epoch in range(start, epochs[phase] + 1):
+                desc = f"seed {seed} {phase} {epoch}/{epochs[phase]}"
+                loss = run_epoch(predictor, optimizer, state, seed * 1000 + p * 100 + epoch, total, desc)
+                val = self.score(predictor)
+                ckpt["log"].append(
+                    {
+                        "phase": phase,
+                        "epoch": epoch,
+                        "train_l1": loss,
+                        "val": val,
+                        "lr": optimizer.param_groups[0]["lr"],
+                    }
+                )
+                better = val["mse"] < ckpt["best"]["mse"]
+                if better:
+                    ckpt.update(best=val, best_state=_cpu_state(predictor), best_at=f"{phase} {epoch}")
+                self.log(
+                    f"{desc}: train L1 {loss:.5f}, val latent MSE {val['mse']:.3e} "
+                    f"(PSNR {val['psnr']:.2f} dB){' *best*' if better else ''}"
+                )
+                ckpt.update(
+                    phase_index=p,
+                    epoch=epoch,
+                    predictor=predictor.state_dict(),
+                    optimizer=optimizer.state_dict(),
+                    opt_state=state,
+                )
+                self._save_checkpoint(ckpt_path, ckpt)
+        ckpt["done"] = True
+        self._save_checkpoint(ckpt_path, ckpt)
+        return ckpt
+
+    @staticmethod
+    def _save_checkpoint(path: Path, ckpt: dict) -> None:
+        with atomic_path(path) as tmp:
+            torch.save(ckpt, tmp)
+
+    # -- the whole job -----------------------------------------------------------------------------------------------
+    def run(self) -> LESAPredictor:
+        self.log(
+            f"lesa train: {len(self.train_idx)} training / {len(self.val_idx)} held-out trajectories, "
+            f"{self.num_steps} steps, interval {self.cfg.interval}, warmup {self.cfg.warmup} "
+            f"({len(self.schedule.full_steps(self.num_steps))} full steps), phases {','.join(self.cfg.phases)}, "
+            f"target {self.cfg.target}, {self.cfg.seeds} seed(s)"
+        )
+        results = {}
+        for seed in range(self.cfg.seed, self.cfg.seed + self.cfg.seeds):
+            results[seed] = self.train_seed(seed)
+        best_seed = min(results, key=lambda s: results[s]["best"]["mse"])
+        predictor = self.new_predictor(best_seed)
+        predictor.load_state_dict(results[best_seed]["best_state"])
+        predictor.eval()
+        sched = dict(interval=self.cfg.interval, warmup=self.cfg.warmup, count_flops=False)
+        baselines = {
+            "FORA": self.closed_loop_error(FORAConfig(**sched)),
+            "TaylorSeer O1": self.closed_loop_error(TaylorSeerConfig(order=1, **sched)),
+            "LESA (this predictor)": self.score(predictor),
+        }
+        summary = {
+            "best_seed": best_seed,
+            "seeds": {s: {"best": r["best"], "best_at": r["best_at"], "log": r["log"]} for s, r in results.items()},
+            "validation": baselines,
+            "train_trajectories": len(self.train_idx),
+            "val_trajectories": len(self.val_idx),
+            "config": self.cfg.fingerprint(),
+        }
+        predictor.save_pretrained(self.out, card=model_card(predictor, summary, self.rec))
+        atomic_write_text(self.out / "training_log.json", json.dumps(summary, indent=1, default=str) + "\n")
+        for name, v in baselines.items():
+            self.log(f"validation {name}: latent MSE {v['mse']:.3e}, PSNR {v['psnr']:.2f} dB")
+        self.log(f"saved predictor (seed {best_seed}, best at {results[best_seed]['best_at']}) to {self.out}")
+        return predictor
+
+
+def one_step_errors(predictor: LESAPredictor, rec: Recording, indices: list[int]) -> dict[str, float]:
+    """Teacher-forced one-step error (mean absolute error on the tap) at the schedule's cached steps, on recorded
+    trajectories: the predictor from the recorded history, FORA and TaylorSeer O1 from the recorded full steps."""
+    pc = predictor.config
+    schedule = StepSchedule(pc.interval, pc.warmup, tuple(pc.forced_full_steps))
+    full = schedule.full_steps(pc.num_steps)
+    sigmas = torch.tensor(pc.sigmas, dtype=torch.float32)
+    device = next(predictor.parameters()).device
+    sums = {"lesa": 0.0, "fora": 0.0, "taylorseer_o1": 0.0}
+    count = 0
+    with torch.no_grad():
+        for i in indices:
+            data = rec.load(i)
+            for ctx in rec.contexts:
+                feats = data[f"{ctx}.feature"].to(device, torch.float32)
+                for s in schedule.cached_steps(pc.num_steps):
+                    last = max(f for f in full if f < s)
+                    before = [f for f in full if f < last]
+                    slope = (feats[last] - feats[before[-1]]) / (last - before[-1]) if before else 0
+                    past = [feats[j] for j in range(max(0, s - pc.history), s)]
+                    guesses = {
+                        "lesa": predictor.forecast(past, ctx, s, sigmas),
+                        "fora": feats[last],
+                        "taylorseer_o1": feats[last] + (s - last) * slope,
+                    }
+                    for name, guess in guesses.items():
+                        sums[name] += float((guess - feats[s]).abs().mean())
+                    count += 1
+    return {name: total / count for name, total in sums.items()}
+
+
+def _cpu_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+
+
+def model_card(predictor: LESAPredictor, summary: dict, rec: Recording) -> str:
+    pc = predictor.config
+    schedule = StepSchedule(pc.interval, pc.warmup, tuple(pc.forced_full_steps))
+    full = len(schedule.full_steps(pc.num_steps))
+    rows = "\n".join(f"| {name} | {v['mse']:.4e} | {v['psnr']:.2f} |" for name, v in summary["validation"].items())
+    seeds = "\n".join(
+        f"| {s} | {r['best']['mse']:.4e} | {r['best']['psnr']:.2f} | {r['best_at']} |"
+        for s, r in summary["seeds"].items()
+    )
+    cfg = summary["config"]
+    return f"""---
+library_name: lesa
+tags: [lesa, diffusion, caching, {pc.model_class}]
+---
+# LESA predictor for `{pc.base_model}`
+
+A learned, stage-aware feature predictor (LESA) for a `{pc.model_class}`: on cached steps the transformer trunk is
+skipped and this predictor forecasts the tapped feature ({pc.tap}).
+
+- Base model: `{pc.base_model}` ({pc.model_class}); tap: {pc.tap}; feature width {pc.feature_dim}
+- Schedule: {pc.num_steps} steps, interval N = {pc.interval}, warm-up E = {pc.warmup}: {full} full steps
+  ({pc.num_steps / full:.2f}x fewer trunk executions)
+- Stages: thresholds {pc.thresholds} on sigma, windows K = {pc.windows}, history {pc.history}, contexts {pc.contexts}
+- Parameters: {predictor.num_parameters():,}
+- Training data: {summary["train_trajectories"]} training and {summary["val_trajectories"]} held-out trajectories
+  from `{rec.dir}` ({len(rec)} prompts recorded at {rec.settings.get("height")}x{rec.settings.get("width")})
+- Training: phases {", ".join(cfg["phases"])}; gt {cfg["epochs_gt"]} epochs at lr {cfg["lr_gt"]}, clar
+  {cfg["epochs_clar"]} epochs at lr {cfg["lr_clar"]} (cosine to {cfg["lr_min"]}); loss target {cfg["target"]};
+  batch {cfg["batch_size"]}; kept: seed {summary["best_seed"]}
+
+## Measured validation error (held-out trajectories, closed loop, same schedule)
+Error of the final latent against the unaccelerated run from the same noise (lower MSE / higher PSNR is better).
+
+| method | latent MSE | latent PSNR (dB) |
+|---|---|---|
+{rows}
+
+## Seeds (best epoch of each, selected on the held-out split)
+| seed | latent MSE | latent PSNR (dB) | best at |
+|---|---|---|---|
+{seeds}
+
+Use: `lesa.enable(pipe, lesa.LESAConfig(predictor="<this directory>"))` or
+`lesa generate --model <pipeline> --cache lesa --predictor <this directory> ...`.
+"""

@@ -1,0 +1,67 @@
+"""Shared fixtures: a tiny FluxPipeline of the real diffusers classes (random weights), a recording, a predictor."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from lesa.models import tiny_flux_pipeline
+from lesa.record import Recording, record
+from lesa.train import TrainConfig, Trainer
+
+warnings.filterwarnings("ignore", message=".*torchvision.*")
+torch.set_num_threads(2)
+
+STEPS = 50
+SIZE = 16  # 16x16 pixels -> 16x16 latents (vae factor 1) -> 64 packed tokens: fast, still a real FluxPipeline
+PROMPTS = [f"a test prompt number {i}" for i in range(8)]
+
+
+def generate(pipe, seed: int = 0, steps: int = STEPS, **kwargs) -> torch.Tensor:
+    kw = dict(num_inference_steps=steps, height=SIZE, width=SIZE, output_type="latent")
+    kw.update(kwargs)
+    kw.setdefault("prompt", "a red circle")
+    return pipe(generator=torch.Generator().manual_seed(seed), **kw).images
+
+
+@pytest.fixture(scope="session")
+def pipe():
+    p = tiny_flux_pipeline()
+    p.set_progress_bar_config(disable=True)
+    return p
+
+
+@pytest.fixture(scope="session")
+def pipe_dir(tmp_path_factory, pipe):
+    path = tmp_path_factory.mktemp("tiny-flux")
+    pipe.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def recording(tmp_path_factory, pipe) -> Recording:
+    out = tmp_path_factory.mktemp("recording")
+    record(
+        pipe,
+        PROMPTS,
+        out,
+        model="tiny",
+        steps=STEPS,
+        height=SIZE,
+        width=SIZE,
+        dtype="float32",
+        progress=False,
+        log=lambda *_: None,
+    )
+    return Recording(out)
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory, pipe, recording):
+    """A small predictor trained on the recording (both phases); returns (predictor, trainer)."""
+    out = tmp_path_factory.mktemp("predictor")
+    config = TrainConfig(epochs_gt=4, epochs_clar=2, batch_size=3, val_fraction=0.25, kan_hidden=(16, 16), lr_gt=3e-3)
+    trainer = Trainer(recording, pipe, out, config, log=lambda *_: None, progress=False)
+    return trainer.run(), trainer, out

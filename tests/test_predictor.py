@@ -1,0 +1,162 @@
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from lesa.predictor import LESAPredictor, PredictorConfig, pad_window, stage_of
+
+SIGMAS = [1 - i / 20 for i in range(21)]
+
+
+def make(seed: int = 0, **overrides) -> LESAPredictor:
+    torch.manual_seed(seed)
+    fields = dict(
+        model_class="FluxTransformer2DModel",
+        tap="t",
+        num_steps=20,
+        sigmas=SIGMAS,
+        feature_dim=6,
+        kan_hidden=[8, 8],
+        windows=[4, 8, 8],
+    )
+    fields.update(overrides)
+    return LESAPredictor(PredictorConfig(**fields))
+
+
+def test_stage_routing_at_the_thresholds():
+    th = (0.9, 0.5)
+    assert stage_of(1.0, th) == 0
+    assert stage_of(0.9000001, th) == 0
+    assert stage_of(0.9, th) == 1  # t <= 0.9 leaves stage 0
+    assert stage_of(0.5000001, th) == 1
+    assert stage_of(0.5, th) == 2
+    assert stage_of(0.0, th) == 2
+    assert stage_of(0.45, (0.9, 0.4)) == 1  # Qwen-Image's threshold
+
+
+def test_expert_choice_follows_sigma_and_context():
+    p = make(contexts=["cond", "uncond"])
+    assert p.expert("cond", 0.95) is p.experts["cond"][0]
+    assert p.expert("cond", 0.7) is p.experts["cond"][1]
+    assert p.expert("uncond", 0.2) is p.experts["uncond"][2]
+    assert p.expert("default", 0.2) is p.experts["cond"][2]  # unknown context: first trained one
+
+
+def test_window_uses_only_the_last_k_features():
+    p = make()
+    with torch.no_grad():  # the filters start as a first difference; make every tap count
+        for expert in p.experts["cond"]:
+            expert.mix.weight.normal_()
+    sig = torch.tensor(SIGMAS)
+    hist = [torch.randn(3, 6) for _ in range(8)]
+    changed = [torch.randn(3, 6) for _ in range(4)] + hist[4:]
+    step0 = 1  # sigma 0.95 -> stage 0, K = 4: the four oldest entries do not matter
+    assert torch.equal(p.forecast(hist, "cond", step0, sig), p.forecast(changed, "cond", step0, sig))
+    step1 = 5  # sigma 0.75 -> stage 1, K = 8: they do
+    assert not torch.equal(p.forecast(hist, "cond", step1, sig), p.forecast(changed, "cond", step1, sig))
+
+
+def test_short_history_is_left_padded_with_the_oldest():
+    a, b = torch.zeros(2), torch.ones(2)
+    assert pad_window([a, b], 4) == [a, a, a, b]
+    assert pad_window([a, b, a, b, a], 3) == [a, b, a]
+    with pytest.raises(ValueError, match="empty"):
+        pad_window([], 4)
+
+
+def test_forecast_is_last_plus_alpha_times_filter():
+    p = make()
+    sig = torch.tensor(SIGMAS)
+    hist = [torch.randn(3, 6) for _ in range(8)]
+    step = 12
+    expert = p.expert("cond", SIGMAS[step])
+    alpha = expert.alpha(SIGMAS[step], sig)
+    z = sum(expert.mix.weight[0, k] * h for k, h in enumerate(hist[-expert.window :])) + expert.mix.bias[0]
+    assert torch.allclose(p.forecast(hist, "cond", step, sig), hist[-1] + alpha * z, atol=1e-6)
+
+
+def test_inference_table_matches_training_forecast_and_keeps_dtype():
+    p = make()
+    sig = torch.tensor(SIGMAS)
+    hist = [torch.randn(3, 6) for _ in range(8)]
+    table = p.coefficient_table("cond", SIGMAS)
+    for step in (1, 7, 15):
+        coeffs, offset = table[step]
+        fast = LESAPredictor.apply_coefficients(hist, coeffs, offset)
+        assert torch.allclose(fast, p.forecast(hist, "cond", step, sig), atol=1e-5)
+    bf16 = [h.bfloat16() for h in hist]
+    assert LESAPredictor.apply_coefficients(bf16, *table[3]).dtype == torch.bfloat16
+
+
+def test_save_load_round_trip_gives_identical_outputs(tmp_path):
+    p = make(seed=3)
+    p.save_pretrained(tmp_path, card="# card\n")
+    assert {f.name for f in tmp_path.iterdir()} == {"config.json", "model.safetensors", "README.md"}
+    config = json.loads((tmp_path / "config.json").read_text())
+    for key in (
+        "model_class",
+        "tap",
+        "num_steps",
+        "sigmas",
+        "interval",
+        "warmup",
+        "thresholds",
+        "windows",
+        "feature_dim",
+        "dtype",
+    ):
+        assert key in config
+    q = LESAPredictor.from_pretrained(tmp_path)
+    sig = torch.tensor(SIGMAS)
+    hist = [torch.randn(3, 6) for _ in range(8)]
+    for step in range(20):
+        assert torch.equal(p.forecast(hist, "cond", step, sig), q.forecast(hist, "cond", step, sig))
+    assert all(v.dtype == torch.float32 for v in load_file(tmp_path / "model.safetensors").values())
+
+
+def test_schedule_length_mismatch_is_refused():
+    p = make()
+    with pytest.raises(ValueError, match=r"21 values \(20 steps\).*31 values"):
+        p.coefficient_table("cond", [1 - i / 30 for i in range(31)])
+
+
+def test_bad_predictor_directories(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        LESAPredictor.from_pretrained(tmp_path / "nope")
+    make().save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    good = weights.read_bytes()
+    weights.write_bytes(good[: len(good) // 2])
+    with pytest.raises(ValueError, match="model.safetensors is not a readable safetensors file"):
+        LESAPredictor.from_pretrained(tmp_path)
+    weights.write_bytes(good)
+    state = load_file(weights)
+    state[next(iter(state))] = state[next(iter(state))].fill_(float("nan"))
+    save_file(state, weights)
+    with pytest.raises(ValueError, match="NaN or inf"):
+        LESAPredictor.from_pretrained(tmp_path)
+    weights.write_bytes(good)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "kan_hidden": [4, 4]}))
+    with pytest.raises(ValueError, match="has shape"):
+        LESAPredictor.from_pretrained(tmp_path)
+    del config["feature_dim"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"missing required field\(s\) \['feature_dim'\]"):
+        LESAPredictor.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="config.json is not valid JSON"):
+        LESAPredictor.from_pretrained(tmp_path)
+    (tmp_path / "config.json").unlink()
+    with pytest.raises(FileNotFoundError, match="has no config.json"):
+        LESAPredictor.from_pretrained(tmp_path)
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="3 stages"):
+        make(windows=[4, 8])
+    with pytest.raises(ValueError, match="decrease"):
+        make(thresholds=[0.5, 0.9])
+    with pytest.raises(ValueError, match="history"):
+        make(windows=[4, 8, 9])

@@ -1,0 +1,191 @@
+import json
+import shutil
+
+import pytest
+import torch
+from conftest import PROMPTS, SIZE, STEPS
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+import lesa.record as record_module
+from lesa.record import Recording, read_prompts, record
+from lesa.train import TrainConfig, Trainer, one_step_errors
+
+QUIET = dict(progress=False, log=lambda *_: None)
+
+
+def rec_kwargs(**kw):
+    out = dict(model="tiny", steps=10, height=SIZE, width=SIZE, dtype="bfloat16", **QUIET)
+    out.update(kw)
+    return out
+
+
+def test_recording_holds_every_step(recording):
+    assert len(recording) == len(PROMPTS)
+    data = recording.load(0)
+    assert data["cond.feature"].shape == (STEPS, 64, 32)
+    assert data["cond.output"].shape == (STEPS, 64, 4)
+    assert data["noise"].shape == data["final"].shape == (64, 4)
+    assert len(recording.sigmas) == STEPS + 1
+    assert recording.entries[3]["seed"] == 3
+
+
+def test_record_resumes_after_a_crash_without_losing_or_duplicating(pipe, tmp_path, monkeypatch):
+    real = record_module._run_one
+    calls = []
+
+    def crash_on_third(*args, **kwargs):
+        calls.append(args[1])
+        if len(calls) == 4:  # the probe, then prompts 0 and 1 succeed
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(record_module, "_run_one", crash_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        record(pipe, PROMPTS[:4], tmp_path, **rec_kwargs())
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert [e["index"] for e in manifest["entries"]] == [0, 1]
+    assert sorted(p.name for p in (tmp_path / "shards").iterdir()) == ["000000.safetensors", "000001.safetensors"]
+    before = (tmp_path / "shards" / "000000.safetensors").read_bytes()
+    monkeypatch.setattr(record_module, "_run_one", real)
+    result = record(pipe, PROMPTS[:4], tmp_path, **rec_kwargs())
+    assert (result.recorded, result.skipped) == (2, 2)
+    rec = Recording(tmp_path)
+    assert [e["index"] for e in rec.entries] == [0, 1, 2, 3]
+    assert (tmp_path / "shards" / "000000.safetensors").read_bytes() == before
+    assert rec.load(3)["cond.feature"].dtype == torch.bfloat16
+
+
+def test_a_failed_shard_write_leaves_nothing_that_looks_complete(pipe, tmp_path, monkeypatch):
+    def broken_save(tensors, path, metadata=None):
+        with open(path, "wb") as f:
+            f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(record_module, "save_file", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        record(pipe, PROMPTS[:2], tmp_path, **rec_kwargs())
+    assert list((tmp_path / "shards").iterdir()) == []
+    assert not (tmp_path / "manifest.json").exists()
+
+
+def test_record_refuses_other_settings_and_nan(pipe, tmp_path, monkeypatch):
+    record(pipe, PROMPTS[:2], tmp_path, **rec_kwargs())
+    with pytest.raises(ValueError, match="recorded with steps=10, this run asks for 12"):
+        record(pipe, PROMPTS[:2], tmp_path, **rec_kwargs(steps=12))
+    with pytest.raises(ValueError, match="different prompt list"):
+        record(pipe, PROMPTS[:3], tmp_path, **rec_kwargs())
+    real = record_module._run_one
+
+    def nan_features(*args, **kwargs):
+        out = real(*args, **kwargs)
+        out["cond.feature"][-1] = float("nan")
+        return out
+
+    monkeypatch.setattr(record_module, "_run_one", nan_features)
+    with pytest.raises(ValueError, match=r"prompt 0 .* tensor 'cond.feature' holds NaN or inf; nothing was written"):
+        record(pipe, PROMPTS[:2], tmp_path / "nan", **rec_kwargs())
+    assert not (tmp_path / "nan" / "manifest.json").exists()
+
+
+def test_prompt_file_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="prompt file .*missing.txt does not exist"):
+        read_prompts(tmp_path / "missing.txt")
+    (tmp_path / "empty.txt").write_text("\n  \n")
+    with pytest.raises(ValueError, match="empty.txt holds no prompt"):
+        read_prompts(tmp_path / "empty.txt")
+    (tmp_path / "ok.txt").write_text("a cat\n\n a dog \n")
+    assert read_prompts(tmp_path / "ok.txt") == ["a cat", "a dog"]
+
+
+def test_corrupted_recordings_are_named(recording, tmp_path):
+    copy = tmp_path / "rec"
+    shutil.copytree(recording.dir, copy)
+    shard = copy / "shards" / "000001.safetensors"
+    data = shard.read_bytes()
+    shard.write_bytes(data[:-100])
+    with pytest.raises(ValueError, match=r"000001.safetensors is corrupted: \d+ bytes, manifest says"):
+        Recording(copy).load(1)
+    shard.unlink()
+    with pytest.raises(FileNotFoundError, match="000001.safetensors listed in .* is missing"):
+        Recording(copy).load(1)
+    shard.write_bytes(data)
+    tensors = load_file(shard)
+    with safe_open(shard, framework="pt") as f:
+        metadata = f.metadata()
+    tensors["cond.output"][0, 0, 0] = float("inf")
+    save_file(tensors, shard, metadata=metadata)  # same size as before: only the values are bad
+    with pytest.raises(ValueError, match="'cond.output' holds NaN or inf"):
+        Recording(copy).load(1)
+    (copy / "manifest.json").write_text('{"format_version": 1, "settings"')
+    with pytest.raises(ValueError, match="manifest.json is corrupted"):
+        Recording(copy)
+    (copy / "manifest.json").write_text('{"format_version": 1, "settings": {}, "prompts": []}')
+    with pytest.raises(ValueError, match="field 'entries' is missing"):
+        Recording(copy)
+    with pytest.raises(FileNotFoundError, match="is .* a `lesa record` output directory"):
+        Recording(tmp_path / "nothing")
+
+
+def test_trained_predictor_beats_fora_and_taylorseer_one_step_on_held_out(trained, recording):
+    predictor, trainer, _ = trained
+    errors = one_step_errors(predictor, recording, trainer.val_idx)
+    print(
+        f"held-out one-step L1 error on the tap: LESA {errors['lesa']:.5f}, FORA {errors['fora']:.5f}, "
+        f"TaylorSeer O1 {errors['taylorseer_o1']:.5f}"
+    )
+    assert errors["lesa"] < errors["taylorseer_o1"] < errors["fora"]
+
+
+def test_training_writes_the_artefact_and_keeps_the_best_epoch(trained):
+    predictor, trainer, out = trained
+    assert {"config.json", "model.safetensors", "README.md", "training_log.json"} <= {p.name for p in out.iterdir()}
+    card = (out / "README.md").read_text()
+    assert "| FORA |" in card and "| TaylorSeer O1 |" in card and "6 training and 2 held-out" in card
+    log = json.loads((out / "training_log.json").read_text())
+    seed_log = log["seeds"]["0"]
+    scores = [e["val"]["mse"] for e in seed_log["log"]]
+    assert [e["phase"] for e in seed_log["log"]] == ["init"] + ["gt"] * 4 + ["clar"] * 2
+    assert seed_log["best"]["mse"] == min(scores)
+    assert log["validation"]["LESA (this predictor)"]["mse"] == pytest.approx(min(scores), rel=1e-4)
+
+
+def test_training_resumes_exactly_where_it_stopped(pipe, recording, tmp_path, monkeypatch):
+    config = TrainConfig(
+        phases=("gt", "clar"), epochs_gt=2, epochs_clar=1, batch_size=3, kan_hidden=(8, 8), val_fraction=0.25
+    )
+    whole = Trainer(recording, pipe, tmp_path / "whole", config, progress=False, log=lambda *_: None).run()
+    real_score = Trainer.score
+    calls = []
+
+    def dies_on_fourth(self, predictor):
+        calls.append(1)
+        if len(calls) == 4:  # init, gt 1, gt 2 score; dies scoring clar 1
+            raise KeyboardInterrupt
+        return real_score(self, predictor)
+
+    monkeypatch.setattr(Trainer, "score", dies_on_fourth)
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(recording, pipe, tmp_path / "cut", config, progress=False, log=lambda *_: None).run()
+    monkeypatch.setattr(Trainer, "score", real_score)
+    messages = []
+    resumed = Trainer(recording, pipe, tmp_path / "cut", config, progress=False, log=messages.append).run()
+    assert any("resuming" in m and "gt epoch 2" in m for m in messages)
+    # the same epochs ran once each, and the weights agree up to float noise (two uninterrupted runs already differ
+    # by ~1e-8 through threaded reductions, which Adam's normalised steps amplify a little)
+    log = json.loads((tmp_path / "cut" / "training_log.json").read_text())["seeds"]["0"]["log"]
+    assert [(e["phase"], e["epoch"]) for e in log] == [("init", 0), ("gt", 1), ("gt", 2), ("clar", 1)]
+    for (k, a), b in zip(whole.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.allclose(a, b, atol=1e-3), (k, (a - b).abs().max())
+    other = TrainConfig(**{**config.__dict__, "lr_clar": 1e-2})
+    with pytest.raises(ValueError, match="made with other settings \\(lr_clar\\)"):
+        Trainer(recording, pipe, tmp_path / "cut", other, progress=False, log=lambda *_: None).train_seed(0)
+
+
+def test_training_needs_a_held_out_trajectory(pipe, recording, tmp_path):
+    from lesa.train import split_indices
+
+    with pytest.raises(ValueError, match="at least 2 recorded trajectories"):
+        split_indices(1, 0.2)
+    train, val = split_indices(10, 0.2)
+    assert len(val) == 2 and not set(train) & set(val)
