@@ -3,10 +3,13 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from PIL import Image
 
 from lesa.cli import main
+from lesa.embedded.checker import check_caption
+from lesa.embedded.loading import SHIPPED_DIR
 
 
 def run_cli(capsys, *argv) -> tuple[int, str, str]:
@@ -132,36 +135,50 @@ def test_cli_errors_are_specific(tmp_path, capsys):
     assert code == 2 and "no model_index.json" in err
 
 
-@pytest.mark.parametrize("cache", ["taylorseer"])
-def test_generate_module_entry_point_on_the_default_model(tmp_path, cache):
+def test_generate_on_the_tiny_random_model(tmp_path, capsys):
+    code, out, err = run_cli(
+        capsys,
+        "generate",
+        "--model",
+        "tiny-random-flux",
+        "--prompt",
+        "a red circle",
+        "--cache",
+        "taylorseer",
+        "--steps",
+        20,
+        "--height",
+        32,
+        "--width",
+        32,
+        "--out",
+        tmp_path / "x.png",
+        "--json",
+    )
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["model"] == "tiny-random-flux" and result["full_steps"] == 6  # 0..3, 10, 17
+    assert (tmp_path / "x.png").is_file()
+
+
+@pytest.mark.skipif(
+    not (SHIPPED_DIR / "transformer").is_dir(), reason="the embedded model's weights are not shipped in this checkout"
+)
+def test_readme_command_uses_the_shipped_model_and_predictor(tmp_path):
+    """`lesa generate --prompt ... --out x.png`, offline, in a fresh process: embedded model, LESA N = 7."""
     out = tmp_path / "x.png"
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    prompt = "a large blue square in the center on a white background"
     proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "lesa",
-            "generate",
-            "--prompt",
-            "a red circle",
-            "--cache",
-            cache,
-            "--steps",
-            "20",
-            "--height",
-            "32",
-            "--width",
-            "32",
-            "--out",
-            str(out),
-            "--json",
-        ],
+        [sys.executable, "-m", "lesa", "generate", "--prompt", prompt, "--out", str(out), "--json"],
         capture_output=True,
         text=True,
-        env=env,
+        env=dict(os.environ, HF_HUB_OFFLINE="1"),
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert result["model"] == "tiny-random-flux" and result["full_steps"] == 6  # 0..3, 10, 17
-    assert out.is_file()
+    assert (result["model"], result["cache"], result["steps"], result["full_steps"]) == ("embedded", "lesa", 50, 10)
+    assert 4.0 < result["flops_speedup"] <= 5.0
+    image = Image.open(out)
+    assert image.size == (32, 32)
+    assert check_caption(np.asarray(image), prompt)["all"]

@@ -11,8 +11,6 @@ from pathlib import Path
 
 import torch
 
-from .models import DEFAULT_MODEL
-
 
 def _pipeline_args(p: argparse.ArgumentParser, model_help: str) -> None:
     p.add_argument("--model", default=None, help=model_help)
@@ -23,7 +21,8 @@ def _pipeline_args(p: argparse.ArgumentParser, model_help: str) -> None:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lesa", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    model_help = f"local diffusers pipeline directory or hub id (default: {DEFAULT_MODEL}, built locally)"
+    model_help = "local diffusers pipeline directory, hub id, 'embedded' or 'tiny-random-flux' (default: embedded"
+    model_help += " when its weights are installed, else tiny-random-flux)"
 
     rec = sub.add_parser("record", help="record feature trajectories of the unaccelerated pipeline")
     _pipeline_args(rec, model_help)
@@ -34,7 +33,8 @@ def _parser() -> argparse.ArgumentParser:
     rec.add_argument("--width", type=int, default=None)
     rec.add_argument("--seed", type=int, default=0, help="prompt i uses seed + i")
     rec.add_argument("--guidance-scale", type=float, default=None)
-    rec.add_argument("--negative-prompt", default=None, help="record a true-CFG unconditional pass with this prompt")
+    rec.add_argument("--negative-prompt", default=None, help="negative prompt of the unconditional (CFG) pass")
+    rec.add_argument("--true-cfg-scale", type=float, default=None, help="FLUX true-CFG scale (with --negative-prompt)")
     rec.add_argument("--record-dtype", default="bfloat16", help="dtype of the stored features (default bfloat16)")
 
     tr = sub.add_parser("train", help="train a LESA predictor (phase gt, then phase clar)")
@@ -115,6 +115,7 @@ def _record(args) -> int:
         dtype=args.record_dtype,
         guidance_scale=args.guidance_scale,
         negative_prompt=args.negative_prompt,
+        true_cfg_scale=args.true_cfg_scale,
     )
     print(f"recorded {result.recorded} prompt(s) ({result.skipped} already done): {result.manifest}")
     return 0
@@ -156,13 +157,16 @@ def _train(args) -> int:
 
 def _generate(args) -> int:
     from . import FORAConfig, LESAConfig, NoCacheConfig, TaylorSeerConfig, enable, summary
-    from .models import DEFAULT_MODEL, load_pipeline, model_label
+    from .models import EMBEDDED_MODEL, TINY_MODEL, load_pipeline, model_label, shipped_predictor
 
     schedule = {k: v for k, v in (("interval", args.interval), ("warmup", args.warmup)) if v is not None}
     if args.cache == "lesa":
-        if args.predictor is None:
-            raise SystemExit("lesa: --cache lesa needs --predictor DIR (no predictor ships for the default model yet)")
-        config = LESAConfig(predictor=args.predictor, **schedule)
+        predictor = args.predictor
+        if predictor is None:
+            if model_label(args.model) != EMBEDDED_MODEL:
+                raise ValueError("--cache lesa needs --predictor DIR (predictors ship only for the embedded model)")
+            predictor = shipped_predictor(args.interval or 7)
+        config = LESAConfig(predictor=predictor, **schedule)
     elif args.cache == "fora":
         config = FORAConfig(**schedule)
     elif args.cache == "taylorseer":
@@ -170,10 +174,10 @@ def _generate(args) -> int:
     else:
         config = NoCacheConfig()
     pipe = load_pipeline(args.model, args.device, args.dtype)
-    if args.model in (None, DEFAULT_MODEL) and not args.json:
+    if model_label(args.model) == TINY_MODEL and not args.json:
         print(
-            f"note: no --model given: using {DEFAULT_MODEL}, a tiny FluxPipeline with random weights built "
-            "locally; its images are noise (the workflow runs, the picture means nothing)",
+            f"note: using {TINY_MODEL}, a tiny FluxPipeline with random weights built locally; its images are "
+            "noise (the workflow runs, the picture means nothing)",
             file=sys.stderr,
         )
     enable(pipe, config)

@@ -1,7 +1,7 @@
-"""Loading pipelines: a local diffusers directory or hub id, or the built-in default.
+"""Loading pipelines: a local diffusers directory or hub id, the embedded model, or a tiny random FLUX pipeline.
 
-Until the embedded trained model ships, the default is a *tiny FluxPipeline with random weights* built locally in
-code: it exercises the whole workflow offline, but its images are noise, not pictures.
+The default is the embedded model when its trained weights are present in the package; otherwise a *tiny
+FluxPipeline with random weights* built locally in code, which exercises the workflow offline but draws noise.
 """
 
 from __future__ import annotations
@@ -13,7 +13,28 @@ import torch
 
 from .adapters import ADAPTERS, get_adapter
 
-DEFAULT_MODEL = "tiny-random-flux"
+TINY_MODEL = "tiny-random-flux"
+EMBEDDED_MODEL = "embedded"
+
+
+def shipped_predictor(interval: int) -> Path:
+    """The LESA predictor shipped for the embedded model at interval N (50 steps, warm-up 3)."""
+    from .embedded.loading import PREDICTORS_DIR
+
+    path = PREDICTORS_DIR / f"n{interval}"
+    if not (path / "config.json").is_file():
+        available = sorted(p.name for p in PREDICTORS_DIR.glob("n*") if (p / "config.json").is_file())
+        raise FileNotFoundError(
+            f"no shipped predictor for interval {interval} (shipped: {', '.join(available) or 'none'}); "
+            "pass --predictor DIR or another --interval"
+        )
+    return path
+
+
+def default_model() -> str:
+    from .embedded.loading import SHIPPED_DIR
+
+    return EMBEDDED_MODEL if (SHIPPED_DIR / "transformer").is_dir() else TINY_MODEL
 
 
 def tiny_flux_pipeline(seed: int = 0):
@@ -100,10 +121,18 @@ def load_pipeline(model: str | None = None, device: str | None = None, dtype: st
     """A pipeline from a local directory or hub id (`model`), or the default; moved to `device` in `dtype`."""
     from diffusers import DiffusionPipeline
 
+    from .embedded.loading import is_embedded_dir, load_embedded
+
     device = device or default_device()
     torch_dtype = parse_dtype(dtype, device)
-    if model in (None, DEFAULT_MODEL):
+    model = model or default_model()
+    built_here = model in (TINY_MODEL, EMBEDDED_MODEL) or is_embedded_dir(model)
+    if model == TINY_MODEL:
         pipe = tiny_flux_pipeline()
+    elif model == EMBEDDED_MODEL:
+        pipe = load_embedded()
+    elif is_embedded_dir(model):
+        pipe = load_embedded(model)
     else:
         path = Path(model)
         if path.exists() and not (path / "model_index.json").is_file():
@@ -116,15 +145,15 @@ def load_pipeline(model: str | None = None, device: str | None = None, dtype: st
         raise ValueError(f"{model}: {type(pipe).__name__} has no transformer; supported: {', '.join(ADAPTERS)}")
     get_adapter(transformer)
     pipe.to(device=device)
-    if model in (None, DEFAULT_MODEL) and torch_dtype != torch.float32:
+    if built_here and torch_dtype != torch.float32:
         pipe.to(dtype=torch_dtype)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
 def model_label(model: str | None) -> str:
-    return (
-        DEFAULT_MODEL
-        if model in (None, DEFAULT_MODEL)
-        else str(Path(model).resolve() if Path(model).exists() else model)
-    )
+    """How a recording or predictor names its base model: a built-in name, an absolute path or a hub id."""
+    model = model or default_model()
+    if model in (TINY_MODEL, EMBEDDED_MODEL):
+        return model
+    return str(Path(model).resolve()) if Path(model).exists() else model

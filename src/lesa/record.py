@@ -8,6 +8,7 @@ restarts where it stopped.
 
 from __future__ import annotations
 
+import inspect
 import json
 import shutil
 from dataclasses import dataclass
@@ -28,7 +29,18 @@ MANIFEST = "manifest.json"
 SHARD_DIR = "shards"
 FORMAT_VERSION = 1
 # Settings a resumed run must share with the manifest it continues.
-_SETTINGS = ("model", "model_class", "steps", "height", "width", "seed", "dtype", "guidance_scale", "negative_prompt")
+_SETTINGS = (
+    "model",
+    "model_class",
+    "steps",
+    "height",
+    "width",
+    "seed",
+    "dtype",
+    "guidance_scale",
+    "negative_prompt",
+    "true_cfg_scale",
+)
 
 
 def read_prompts(path: str | Path) -> list[str]:
@@ -58,15 +70,17 @@ class _Recorder:
         self.outputs.setdefault(event.context, {})[event.step] = event.output.detach()[0].to("cpu", self.dtype)
 
 
-def call_kwargs(settings: dict[str, Any]) -> dict[str, Any]:
-    """The pipeline keyword arguments that reproduce a recorded run (prompt and latents aside)."""
+def call_kwargs(settings: dict[str, Any], pipe) -> dict[str, Any]:
+    """The pipeline keyword arguments that reproduce a recorded run (prompt and latents aside); settings left at
+    None keep the pipeline's own defaults."""
     kwargs: dict[str, Any] = {"num_inference_steps": settings["steps"], "output_type": "latent"}
-    for key in ("height", "width", "guidance_scale"):
+    for key in ("height", "width", "guidance_scale", "negative_prompt", "true_cfg_scale"):
         if settings.get(key) is not None:
             kwargs[key] = settings[key]
-    if settings.get("negative_prompt") is not None:
-        kwargs["negative_prompt"] = settings["negative_prompt"]
-        kwargs["true_cfg_scale"] = settings.get("true_cfg_scale") or 4.0
+    accepted = inspect.signature(pipe.__call__).parameters
+    unknown = [k for k in kwargs if k not in accepted]
+    if unknown:
+        raise ValueError(f"{type(pipe).__name__} does not take {', '.join(unknown)}")
     return kwargs
 
 
@@ -82,7 +96,7 @@ def _run_one(pipe, prompt: str, seed: int, settings: dict, dtype: torch.dtype, d
     runtime.observers.append(recorder)
     try:
         generator = torch.Generator(device).manual_seed(seed)
-        final = pipe(prompt=prompt, generator=generator, **call_kwargs(settings)).images
+        final = pipe(prompt=prompt, generator=generator, **call_kwargs(settings, pipe)).images
     finally:
         runtime.observers.remove(recorder)
     steps = settings["steps"]
@@ -128,6 +142,7 @@ def record(
     dtype: str = "bfloat16",
     guidance_scale: float | None = None,
     negative_prompt: str | None = None,
+    true_cfg_scale: float | None = None,
     progress: bool = True,
     log=print,
 ) -> RecordResult:
@@ -149,6 +164,7 @@ def record(
         "dtype": dtype,
         "guidance_scale": guidance_scale,
         "negative_prompt": negative_prompt,
+        "true_cfg_scale": true_cfg_scale,
     }
     manifest_path = out_dir / MANIFEST
     if manifest_path.exists():

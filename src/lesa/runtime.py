@@ -66,8 +66,7 @@ class _StateManager(StateManager):
 class ContextState(BaseState):
     """Per cache context: the policy and where this context is in its generation."""
 
-    def __init__(self, runtime: CacheRuntime) -> None:
-        self.runtime = runtime
+    def __init__(self) -> None:
         self.policy: Policy | None = None
         self.step = 0  # index of the next call
         self.last_sigma: float | None = None
@@ -97,7 +96,7 @@ class CacheRuntime:
         self.config = config
         self.schedule = config.schedule()
         self.sigma_source = sigma_source
-        self.state_manager = _StateManager(ContextState, (self,), {})
+        self.state_manager = _StateManager(ContextState)
         self.num_blocks = len(self.adapter.trunk_blocks(model))
         self.observers: list[Observer] = []
         self.differentiable = bool(getattr(config, "differentiable", False))

@@ -228,7 +228,7 @@ class Trainer:
     def _run(self, batch: list[int], data: list[dict[str, torch.Tensor]]) -> torch.Tensor:
         prompts = [self.rec.entries[i]["prompt"] for i in batch]
         noise = torch.stack([d["noise"] for d in data]).to(self.device, self.dtype)
-        return self.pipe(prompt=prompts, latents=noise, **call_kwargs(self.settings)).images
+        return self.pipe(prompt=prompts, latents=noise, **call_kwargs(self.settings, self.pipe)).images
 
     # -- validation --------------------------------------------------------------------------------------------------
     @torch.no_grad()

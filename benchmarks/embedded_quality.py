@@ -1,0 +1,115 @@
+"""Prompt-following share of the embedded model and image PSNR of cached methods against full compute.
+
+For every prompt (seed = prompt index) the full 50-step image is generated, then each method's image from the same
+noise; the checker scores every image against its caption, and PSNR / standard error are measured against the full
+image. Example (the figures in the embedded model's card):
+
+    python benchmarks/embedded_quality.py --prompts src/lesa/embedded/prompts/eval.txt \
+        --predictor src/lesa/embedded/predictors/n7 --predictor src/lesa/embedded/predictors/n10 --out runs/quality.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+import lesa
+from lesa.embedded.checker import check_caption
+from lesa.embedded.loading import load_embedded
+from lesa.io import atomic_write_text
+from lesa.record import read_prompts
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(((a.astype(np.float64) - b.astype(np.float64)) ** 2).mean())
+    return float("inf") if mse == 0 else 10 * math.log10(255.0**2 / mse)
+
+
+def mean_se(values: list[float]) -> tuple[float, float]:
+    finite = [v for v in values if math.isfinite(v)]
+    if not finite:
+        return float("nan"), float("nan")
+    m = sum(finite) / len(finite)
+    var = sum((v - m) ** 2 for v in finite) / max(1, len(finite) - 1)
+    return m, math.sqrt(var / len(finite))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help="embedded model directory (default: the shipped one)")
+    parser.add_argument("--prompts", required=True)
+    parser.add_argument("--predictor", action="append", default=[], help="LESA predictor directory (repeatable)")
+    parser.add_argument("--baselines", action="store_true", help="also FORA and TaylorSeer O1 at each schedule")
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--batch", type=int, default=25)
+    parser.add_argument("--limit", type=int, default=None)
+    parser.add_argument("--out", default=None, help="write every number to this JSON file")
+    args = parser.parse_args()
+
+    torch.set_num_threads(2)
+    pipe = load_embedded(args.model) if args.model else load_embedded()
+    pipe.set_progress_bar_config(disable=True)
+    prompts = read_prompts(args.prompts)[: args.limit]
+    methods: dict[str, lesa.CacheConfig] = {"full": lesa.NoCacheConfig(count_flops=False)}
+    for directory in args.predictor:
+        config = lesa.LESAConfig(predictor=directory, count_flops=False)
+        tag = f"N={config.interval}"
+        methods[f"LESA {tag} ({Path(directory).name})"] = config
+        if args.baselines:
+            sched = dict(interval=config.interval, warmup=config.warmup, count_flops=False)
+            methods[f"FORA {tag}"] = lesa.FORAConfig(**sched)
+            methods[f"TaylorSeer O1 {tag}"] = lesa.TaylorSeerConfig(order=1, **sched)
+    images: dict[str, list[np.ndarray]] = {name: [] for name in methods}
+    full_steps: dict[str, int] = {}
+    seconds: dict[str, float] = dict.fromkeys(methods, 0.0)
+    batches = [list(range(i, min(i + args.batch, len(prompts)))) for i in range(0, len(prompts), args.batch)]
+    with tqdm(total=len(batches) * len(methods), desc="generate", unit="batch") as bar:
+        for batch in batches:
+            noise = torch.stack([torch.randn(256, 12, generator=torch.Generator().manual_seed(i)) for i in batch])
+            for name, config in methods.items():
+                lesa.enable(pipe, config)
+                start = time.perf_counter()
+                out = pipe([prompts[i] for i in batch], num_inference_steps=args.steps, latents=noise, output_type="np")
+                seconds[name] += time.perf_counter() - start
+                images[name].extend(out.images)
+                full_steps[name] = lesa.summary(pipe)["full_steps"]
+                lesa.disable(pipe)
+                bar.update(1)
+
+    results = {"prompts": args.prompts, "n": len(prompts), "steps": args.steps, "methods": {}}
+    for name in methods:
+        checks = [check_caption(img, p) for img, p in zip(images[name], prompts, strict=True)]
+        psnrs = [psnr(img, ref) for img, ref in zip(images[name], images["full"], strict=True)]
+        m, se = mean_se(psnrs) if name != "full" else (float("inf"), 0.0)
+        results["methods"][name] = {
+            "full_steps": full_steps[name],
+            "trunk_speedup": args.steps / full_steps[name],
+            "prompt_following": {k: sum(c[k] for c in checks) / len(checks) for k in checks[0]},
+            "psnr_mean": m,
+            "psnr_se": se,
+            "psnr_per_prompt": psnrs,
+            "seconds": seconds[name],
+        }
+    print(f"{len(prompts)} prompts from {args.prompts}, {args.steps} steps, seed = prompt index")
+    print("| method | full steps | trunk speed-up | prompt-following (all) | PSNR vs full (dB, mean +/- s.e.) |")
+    print("|---|---|---|---|---|")
+    for name, r in results["methods"].items():
+        psnr_text = "-" if name == "full" else f"{r['psnr_mean']:.2f} +/- {r['psnr_se']:.2f}"
+        print(
+            f"| {name} | {r['full_steps']} | {r['trunk_speedup']:.2f}x | {r['prompt_following']['all']:.3f} | "
+            f"{psnr_text} |"
+        )
+    print("per-attribute shares (full):", json.dumps(results["methods"]["full"]["prompt_following"]))
+    if args.out:
+        atomic_write_text(args.out, json.dumps(results, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()

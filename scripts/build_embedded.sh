@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Rebuild every shipped artefact of the embedded model from scratch on a 2-core CPU (about two hours):
+# the model weights, the recordings of the 100 predictor-training prompts, the LESA predictors for N = 7 and 10,
+# and the quality figures of the model cards. Run from the repository root inside the project's venv.
+set -euo pipefail
+export HF_HUB_OFFLINE=1
+
+# 1. the text-to-image model: the shipped weights were trained with logit-normal noise levels for the first 800 steps,
+#    then (resumed from that checkpoint) with uniform ones, which fixed layout; both runs share one lr schedule
+python -m lesa.embedded.train_model --out runs/embedded --steps 2400 --timesteps logit-normal --stop-at 800
+python -m lesa.embedded.train_model --out runs/embedded --steps 2400 --timesteps uniform
+
+# 2. trajectories of the 100 predictor-training prompts (disjoint from training captions and evaluation prompts)
+lesa record --model embedded --prompts src/lesa/embedded/prompts/predictor_train.txt --out runs/rec-embedded --steps 50
+
+# 3. one predictor per schedule (50 steps, E = 3): N = 7 -> 10 full steps (5.00x), N = 10 -> 8 full steps (6.25x)
+for n in 7 10; do
+  lesa train --model embedded --data runs/rec-embedded --out "runs/pred-n$n" --interval "$n" --warmup 3 \
+    --phases gt,clar --epochs 2 --epochs-clar 6 --batch-size 10
+  mkdir -p "src/lesa/embedded/predictors/n$n"
+  cp "runs/pred-n$n"/{config.json,model.safetensors,README.md,training_log.json} "src/lesa/embedded/predictors/n$n/"
+done
+
+# 4. prompt-following and PSNR against full compute on the 200 evaluation prompts
+python benchmarks/embedded_quality.py --prompts src/lesa/embedded/prompts/eval.txt --baselines \
+  --predictor src/lesa/embedded/predictors/n7 --predictor src/lesa/embedded/predictors/n10 --out runs/quality.json

@@ -1,0 +1,1 @@
+"""The embedded small text-to-image model: data, pipeline, checker, training."""

@@ -1,0 +1,63 @@
+import pytest
+import torch
+
+import lesa
+from lesa.embedded.loading import load_embedded, new_pipeline, save_shipped
+from lesa.embedded.pipeline import image_ids, pack, unpack
+
+
+@pytest.fixture(scope="module")
+def untrained():
+    pipe = new_pipeline(seed=0)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def sample(pipe, steps=12, **kw):
+    noise = torch.randn(1, 256, 12, generator=torch.Generator().manual_seed(0))
+    return pipe(
+        "a small red circle in the top left on a white background",
+        num_inference_steps=steps,
+        latents=noise,
+        output_type="latent",
+        **kw,
+    ).images
+
+
+def test_pack_unpack_round_trip_and_ids():
+    images = torch.randn(2, 3, 32, 32)
+    tokens = pack(images)
+    assert tokens.shape == (2, 256, 12)
+    assert torch.equal(unpack(tokens, 32, 32), images)
+    assert torch.equal(tokens[0, 1], images[0, :, 0:2, 2:4].reshape(12))  # token 1 = the patch at row 0, col 1
+    ids = image_ids(32, 32)
+    assert ids.shape == (256, 3) and ids[17].tolist() == [0, 1, 1]
+
+
+def test_the_flux_adapter_serves_the_embedded_pipeline_unchanged(untrained):
+    reference = sample(untrained)
+    lesa.enable(untrained, lesa.TaylorSeerConfig(interval=1))
+    assert torch.allclose(sample(untrained), reference, atol=1e-6, rtol=0)
+    lesa.enable(untrained, lesa.FORAConfig(interval=4, warmup=1))
+    sample(untrained)
+    info = lesa.summary(untrained)
+    assert set(info["contexts"]) == {"cond", "uncond"}  # true CFG: two cache contexts, each with its own state
+    assert info["contexts"]["uncond"]["full_steps"] == info["full_steps"] == 4  # steps 0, 1, 5, 9 of 12
+    lesa.disable(untrained)
+    assert torch.equal(sample(untrained), reference)
+
+
+def test_save_and_load_give_the_same_images(untrained, tmp_path):
+    save_shipped(untrained.transformer, tmp_path)
+    assert not (tmp_path / "text_encoder").exists()  # MiniLM comes from its package, not from the model folder
+    loaded = load_embedded(tmp_path)
+    loaded.set_progress_bar_config(disable=True)
+    assert torch.allclose(sample(loaded), sample(untrained), atol=1e-5)  # same weights; kernels may differ in layout
+    with pytest.raises(FileNotFoundError, match="holds no embedded model"):
+        load_embedded(tmp_path / "scheduler")
+
+
+def test_negative_prompt_and_guidance_change_the_output(untrained):
+    plain = sample(untrained)
+    assert not torch.equal(sample(untrained, negative_prompt="a blue square"), plain)
+    assert not torch.equal(sample(untrained, guidance_scale=1.0), plain)
