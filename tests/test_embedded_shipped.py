@@ -33,7 +33,8 @@ def test_shipped_model_follows_held_out_prompts(shipped):
     _, _, full = shipped
     shares = score(full, PROMPTS)
     print("full compute, 8 evaluation prompts:", shares)
-    assert shares["background"] == 1.0 and shares["colour"] >= 0.75
+    # measured on all 200 evaluation prompts: background, colour, position 1.00; size 0.88; shape 0.44
+    assert shares["background"] == shares["colour"] == shares["position"] == 1.0
     assert shares["all"] >= 0.5
 
 
@@ -50,5 +51,5 @@ def test_shipped_predictors_accelerate_and_stay_close(shipped, name, full_steps)
     mean_psnr = sum(psnr(a, b) for a, b in zip(images, full, strict=True)) / len(full)
     shares = score(images, PROMPTS)
     print(f"LESA {name}: PSNR vs full {mean_psnr:.2f} dB, prompt-following {shares}")
-    assert mean_psnr > 20.0
+    assert mean_psnr > 25.0
     assert shares["all"] >= score(full, PROMPTS)["all"] - 0.25
