@@ -69,6 +69,20 @@ def encode_text(text_encoder, tokenizer, prompts: list[str], device=None) -> tup
     return tokens, pooled
 
 
+def predict_velocity(transformer, latents, tokens, pooled, sigma, img_ids) -> torch.Tensor:
+    """One transformer call: the flow velocity of packed `latents` at noise level `sigma` (in [0, 1])."""
+    txt_ids = torch.zeros(tokens.shape[1], 3, device=latents.device)
+    return transformer(
+        hidden_states=latents,
+        encoder_hidden_states=tokens,
+        pooled_projections=pooled,
+        timestep=sigma,
+        img_ids=img_ids,
+        txt_ids=txt_ids,
+        return_dict=False,
+    )[0]
+
+
 class EmbeddedPipeline(DiffusionPipeline):
     """Text-to-image with the embedded model. Components: transformer, scheduler, text_encoder, tokenizer."""
 
@@ -120,7 +134,6 @@ class EmbeddedPipeline(DiffusionPipeline):
             raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
         latents = latents.to(device, dtype)
         img_ids = image_ids(height, width, device)
-        txt_ids = torch.zeros(cond.shape[1], 3, device=device)
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         conditions = {"cond": (cond, cond_pooled)}
         if guided:
@@ -130,15 +143,7 @@ class EmbeddedPipeline(DiffusionPipeline):
             velocity = {}
             for context, (tokens, pooled) in conditions.items():
                 with self.transformer.cache_context(context):
-                    velocity[context] = self.transformer(
-                        hidden_states=latents,
-                        encoder_hidden_states=tokens,
-                        pooled_projections=pooled,
-                        timestep=sigma,
-                        img_ids=img_ids,
-                        txt_ids=txt_ids,
-                        return_dict=False,
-                    )[0]
+                    velocity[context] = predict_velocity(self.transformer, latents, tokens, pooled, sigma, img_ids)
             v = velocity["cond"]
             if guided:
                 v = velocity["uncond"] + guidance_scale * (v - velocity["uncond"])

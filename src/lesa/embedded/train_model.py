@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from ..io import atomic_path, atomic_write_text
 from .checker import score
 from .loading import SHIPPED_DIR, new_pipeline, save_shipped
-from .pipeline import encode_text, image_ids, pack
+from .pipeline import encode_text, image_ids, pack, predict_velocity
 from .scenes import prompts, sample_batch, splits
 
 
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"resuming from {ckpt_path} at step {step}")
     train_scenes = splits()["train"]
     check_captions = prompts("predictor")[:16]  # never the evaluation prompts
-    img_ids, txt_ids = image_ids(32, 32), torch.zeros(24, 3)
+    img_ids = image_ids(32, 32)
     start = time.perf_counter()
     bar = tqdm(total=args.steps, initial=step, desc="train embedded model", unit="step")
     stop = min(args.steps, args.stop_at or args.steps)
@@ -122,15 +122,7 @@ def main(argv: list[str] | None = None) -> None:
         else:
             t = torch.sigmoid(torch.randn(x0.shape[0], generator=generator))
         xt = (1 - t[:, None, None]) * x0 + t[:, None, None] * noise
-        pred = model(
-            hidden_states=xt,
-            encoder_hidden_states=tokens,
-            pooled_projections=pooled,
-            timestep=t,
-            img_ids=img_ids,
-            txt_ids=txt_ids,
-            return_dict=False,
-        )[0]
+        pred = predict_velocity(model, xt, tokens, pooled, t, img_ids)
         loss = ((pred - (noise - x0)) ** 2).mean()
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, args.lr, args.warmup, args.steps, args.lr_min)
