@@ -1,0 +1,1 @@
+"""Evaluation helpers for `lesa bench`: image-quality metrics live in `lesa.evaluate.metrics`."""
