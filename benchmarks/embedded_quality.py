@@ -51,6 +51,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=25)
     parser.add_argument("--limit", type=int, default=None)
     parser.add_argument("--out", default=None, help="write every number to this JSON file")
+    parser.add_argument("--grid", default=None, help="write a PNG grid of the first 8 prompts (a column per method)")
     args = parser.parse_args()
 
     torch.set_num_threads(2)
@@ -109,6 +110,32 @@ def main() -> None:
     print("per-attribute shares (full):", json.dumps(results["methods"]["full"]["prompt_following"]))
     if args.out:
         atomic_write_text(args.out, json.dumps(results, indent=1) + "\n")
+    if args.grid:
+        save_grid(args.grid, images, prompts)
+
+
+def save_grid(path: str, images: dict[str, list[np.ndarray]], prompts: list[str], rows: int = 8) -> None:
+    """Rows: prompts; columns: methods (full compute first); each 32x32 image scaled x4, caption printed beside."""
+    from PIL import Image, ImageDraw
+
+    rows = min(rows, len(prompts))
+    scale, pad, text_width = 4, 4, 420
+    side = images["full"][0].shape[0] * scale
+    names = list(images)
+    width = text_width + len(names) * (side + pad)
+    height = 18 + rows * (side + pad)
+    canvas = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(canvas)
+    for j, name in enumerate(names):
+        draw.text((text_width + j * (side + pad), 2), name[:22], fill="black")
+    for i in range(rows):
+        y = 18 + i * (side + pad)
+        draw.text((4, y + side // 2 - 6), prompts[i][:70], fill="black")
+        for j, name in enumerate(names):
+            tile = Image.fromarray(np.asarray(images[name][i])).resize((side, side), Image.NEAREST)
+            canvas.paste(tile, (text_width + j * (side + pad), y))
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path)
 
 
 if __name__ == "__main__":

@@ -160,3 +160,19 @@ def test_config_validation():
         make(thresholds=[0.5, 0.9])
     with pytest.raises(ValueError, match="history"):
         make(windows=[4, 8, 9])
+
+
+@pytest.mark.parametrize("gain", ["kan", "mlp"])
+def test_ablation_variants_one_expert_and_mlp_gain_start_at_the_first_difference(tmp_path, gain):
+    p = make(thresholds=[], windows=[8], gain=gain)
+    assert len(p.experts["cond"]) == 1
+    history = [torch.randn(3, 6) for _ in range(5)]
+    out = p.forecast(history, "cond", 7, torch.tensor(SIGMAS))
+    if gain == "mlp":  # zero last layer: the gain is exactly 0, so the forecast is reuse
+        torch.testing.assert_close(out, history[-1])
+    p.save_pretrained(tmp_path / gain)
+    q = LESAPredictor.from_pretrained(tmp_path / gain)
+    assert q.config.gain == gain
+    torch.testing.assert_close(q.forecast(history, "cond", 7, torch.tensor(SIGMAS)), out)
+    with pytest.raises(ValueError, match="gain"):
+        make(gain="rnn")

@@ -19,6 +19,9 @@ class ModelAdapter:
     tap_module / tap_point: the tapped feature is the `hidden_states` input ("input") or the output ("output") of
         this submodule; on cached steps it is replaced by the forecast, and everything after it runs as usual.
     timestep_scale: sigma = timestep argument / timestep_scale (the transformer's own convention).
+    modulation: the first trunk block's timestep-modulated norm, called as `norm(hidden_states, emb=temb)` with the
+        block's `hidden_states` and `modulation_argument` inputs, first returned tensor (TeaCache's cheap probe);
+        None where TeaCache is not supported.
     """
 
     model_class: str
@@ -30,6 +33,8 @@ class ModelAdapter:
     timestep_argument: str = "timestep"
     timestep_scale: float = 1.0
     latent_argument: str = "hidden_states"
+    modulation: str | None = None
+    modulation_argument: str = "temb"
 
     def trunk_blocks(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
         blocks = []
@@ -47,6 +52,7 @@ FLUX = ModelAdapter(
     tap_point="input",
     tap="image-token hidden state after the last single-stream block, before norm_out",
     timestep_scale=1.0,  # the pipeline passes sigma in [0, 1]; the model multiplies by 1000 itself
+    modulation="norm1",
 )
 
 ADAPTERS: dict[str, ModelAdapter] = {a.model_class: a for a in (FLUX,)}

@@ -1,4 +1,4 @@
-"""The `lesa` command line: record, train, generate."""
+"""The `lesa` command line: record, train, generate, bench."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from .evaluate.methods import FAMILIES
 
 
 def _pipeline_args(p: argparse.ArgumentParser, model_help: str) -> None:
@@ -62,6 +64,7 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("--thresholds", default="0.9,0.5", help="stage thresholds on sigma")
     tr.add_argument("--windows", default="4,8,8", help="history window K per stage")
     tr.add_argument("--kan-hidden", default="256,256", help="hidden widths of the gain KAN")
+    tr.add_argument("--gain", choices=("kan", "mlp"), default="kan", help="temporal gain network (mlp: ablation)")
     tr.add_argument("--restart", action="store_true", help="ignore existing checkpoints in --out")
 
     gen = sub.add_parser("generate", help="generate an image, accelerated")
@@ -80,6 +83,39 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--width", type=int, default=None)
     gen.add_argument("--guidance-scale", type=float, default=None)
     gen.add_argument("--json", action="store_true", help="print one JSON object with the measurements")
+    b = sub.add_parser("bench", help="quality against speed-up: LESA and baselines at matched full-step budgets")
+    _pipeline_args(b, model_help)
+    b.add_argument("--prompts", required=True, help="evaluation prompts (disjoint from every fitting/training prompt)")
+    b.add_argument("--out", required=True, help="directory for results.json, results.md, pareto.png")
+    b.add_argument(
+        "--predictor",
+        action="append",
+        default=[],
+        help="LESA predictor directory (repeatable; several of one schedule are seeds of one row)",
+    )
+    b.add_argument("--methods", default=",".join(FAMILIES), help=f"comma-separated subset of: {', '.join(FAMILIES)}")
+    b.add_argument("--steps", type=int, default=50)
+    b.add_argument("--intervals", default="7,10", help="budgets (N) when no predictor sets them")
+    b.add_argument("--warmup", type=int, default=3, help="E of the budgets when no predictor sets them")
+    b.add_argument(
+        "--fit-data",
+        default=None,
+        help="a `lesa record` directory of the predictor's training prompts, "
+        "for the calibrated baselines and threshold searches",
+    )
+    b.add_argument("--fit-prompts", default=None, help="prompts to record fitting data from when --fit-data is absent")
+    b.add_argument("--fit-count", type=int, default=20, help="how many --fit-prompts to record")
+    b.add_argument("--search-prompts", type=int, default=4, help="fitting prompts used to search thresholds")
+    b.add_argument("--search-iterations", type=int, default=12, help="bisection steps of each threshold search")
+    b.add_argument("--repeats", type=int, default=3, help="interleaved timing repeats")
+    b.add_argument("--timing-prompts", type=int, default=4, help="prompts in each timing repeat")
+    b.add_argument("--limit", type=int, default=None, help="use only the first L evaluation prompts")
+    b.add_argument("--guidance-scale", type=float, default=None)
+    b.add_argument("--height", type=int, default=None)
+    b.add_argument("--width", type=int, default=None)
+    b.add_argument("--lpips-weights", nargs="+", default=[], help="AlexNet + LPIPS weight files (local)")
+    b.add_argument("--clip", default=None, help="local CLIP model directory for the CLIP score")
+    b.add_argument("--image-reward", default=None, help="local ImageReward checkpoint (needs the ImageReward package)")
     return parser
 
 
@@ -146,6 +182,7 @@ def _train(args) -> int:
         thresholds=_floats(args.thresholds, "thresholds"),
         windows=_ints(args.windows, "windows"),
         kan_hidden=_ints(args.kan_hidden, "kan-hidden"),
+        gain=args.gain,
     )
     model = args.model or rec.settings["model"]
     pipe = load_pipeline(model, args.device, args.dtype)
@@ -215,9 +252,43 @@ def _generate(args) -> int:
     return 0
 
 
+def _bench(args) -> int:
+    from .evaluate.bench import Bench, BenchConfig
+
+    cfg = BenchConfig(
+        prompts=args.prompts,
+        out=args.out,
+        model=args.model,
+        predictors=args.predictor,
+        methods=[m.strip() for m in args.methods.split(",") if m.strip()],
+        steps=args.steps,
+        intervals=list(_ints(args.intervals, "--intervals")),
+        warmup=args.warmup,
+        fit_data=args.fit_data,
+        fit_prompts=args.fit_prompts,
+        fit_count=args.fit_count,
+        search_prompts=args.search_prompts,
+        search_iterations=args.search_iterations,
+        repeats=args.repeats,
+        timing_prompts=args.timing_prompts,
+        limit=args.limit,
+        guidance_scale=args.guidance_scale,
+        height=args.height,
+        width=args.width,
+        device=args.device,
+        dtype=args.dtype,
+        lpips_weights=args.lpips_weights,
+        clip=args.clip,
+        image_reward=args.image_reward,
+    )
+    results = Bench(cfg)()
+    print(open(Path(args.out) / "results.md").read())
+    return 0 if results["rows"] else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    handlers = {"record": _record, "train": _train, "generate": _generate}
+    handlers = {"record": _record, "train": _train, "generate": _generate, "bench": _bench}
     try:
         return handlers[args.command](args)
     except (ValueError, FileNotFoundError, OSError, RuntimeError) as e:

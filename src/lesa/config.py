@@ -6,7 +6,8 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .policies import LESAPolicy, Policy, ReusePolicy, TaylorSeerPolicy
+from .policies import LESAPolicy, LinearForecastPolicy, Policy, ReusePolicy, TaylorSeerPolicy, TeaCachePolicy
+from .policies.teacache import FLUX_COEFFICIENTS
 from .predictor import LESAPredictor
 from .schedule import StepSchedule
 
@@ -21,6 +22,7 @@ class CacheConfig:
     count_flops: bool = True
 
     name = "none"
+    adaptive = False  # True: the policy decides at the first trunk block whether a step is full
 
     def schedule(self) -> StepSchedule:
         return StepSchedule(self.interval, self.warmup, tuple(self.forced_full_steps))
@@ -57,6 +59,37 @@ class TaylorSeerConfig(CacheConfig):
 
     def make_policy(self, context: str) -> Policy:
         return TaylorSeerPolicy(self.order, self.damping)
+
+
+@dataclass
+class LinearForecastConfig(CacheConfig):
+    """Per-step least-squares linear forecaster over the last full-step features (fit with `calibrate.fit_linear`).
+    `weights` maps each cached step to its weights, newest full-step feature first."""
+
+    interval: int = 7
+    weights: dict[int, list[float]] = field(default_factory=dict)
+    name = "linear"
+
+    def make_policy(self, context: str) -> Policy:
+        return LinearForecastPolicy({int(k): list(v) for k, v in self.weights.items()})
+
+
+@dataclass
+class TeaCacheConfig(CacheConfig):
+    """TeaCache: adaptive skipping with a polynomial-rescaled change of the first block's modulated input.
+
+    `coefficients` default to the published FLUX.1 polynomial; for any other model fit them on its own trajectories
+    (`calibrate.fit_teacache`). The first and last steps are always full; `interval`/`warmup` are unused.
+    """
+
+    threshold: float = 0.6
+    coefficients: tuple[float, ...] = FLUX_COEFFICIENTS
+    calibrate: bool = False
+    name = "teacache"
+    adaptive = True
+
+    def make_policy(self, context: str) -> Policy:
+        return TeaCachePolicy(self.threshold, self.coefficients, self.calibrate)
 
 
 @dataclass

@@ -93,6 +93,10 @@ class CacheRuntime:
     ) -> None:
         self.adapter: ModelAdapter = get_adapter(model)
         config.check_model(self.adapter.model_class)
+        if config.adaptive and self.adapter.modulation is None:
+            raise ValueError(
+                f"{config.name} needs a modulation probe, which the {self.adapter.model_class} adapter lacks"
+            )
         self.config = config
         self.schedule = config.schedule()
         self.sigma_source = sigma_source
@@ -140,7 +144,8 @@ class CacheRuntime:
             self._start_generation(context.name, state)
         step = context.step_index if context.step_index is not None else state.step
         state.current_step, state.current_sigma = step, sigma
-        state.full = self.schedule.is_full(step, state.last_full)
+        # adaptive methods decide at the first trunk block; until then the step counts as full
+        state.full = self.config.adaptive or self.schedule.is_full(step, state.last_full)
         state.tap = None
         return context.name, state
 
@@ -214,8 +219,10 @@ class RootHook(ModelHook):
         rt = self.runtime
         name, state = rt.begin_call(args, kwargs)
         latents = rt.argument(rt.adapter.latent_argument, args, kwargs)
-        key = (state.full, tuple(latents.shape))
-        counting = rt.config.count_flops and key not in rt.call_flops
+        shape = tuple(latents.shape)
+        # an adaptive method only knows after the call whether it was full: count until both kinds are known
+        needed = [(True, shape), (False, shape)] if rt.config.adaptive else [(state.full, shape)]
+        counting = rt.config.count_flops and any(key not in rt.call_flops for key in needed)
         # closed-loop training: the forecast carries gradients through the head and into the observers' losses
         grad = rt.differentiable and not state.full
         with torch.enable_grad() if grad else contextlib.nullcontext():
@@ -225,7 +232,7 @@ class RootHook(ModelHook):
                 flops = counter.get_total_flops()
                 if not state.full and state.tap is not None:
                     flops += state.policy.forecast_flops(state.tap.numel())
-                rt.call_flops[key] = flops
+                rt.call_flops.setdefault((state.full, shape), flops)
             else:
                 output = self.fn_ref.original_forward(*args, **kwargs)
             rt.end_call(name, state)
@@ -245,9 +252,10 @@ class RootHook(ModelHook):
 class TrunkBlockHook(ModelHook):
     """On every trunk block: run it on full steps, return its inputs unchanged on cached steps."""
 
-    def __init__(self, runtime: CacheRuntime, block: nn.Module) -> None:
+    def __init__(self, runtime: CacheRuntime, block: nn.Module, first: bool = False) -> None:
         super().__init__()
         self.runtime = runtime
+        self.first = first
         self._params = list(inspect.signature(type(block).forward).parameters)[1:]
 
     def _arg(self, name: str, args: tuple, kwargs: dict) -> Any:
@@ -256,6 +264,12 @@ class TrunkBlockHook(ModelHook):
     def new_forward(self, module: nn.Module, *args, **kwargs):
         rt = self.runtime
         state: ContextState = rt.state_manager.get_state()
+        if self.first and rt.config.adaptive:
+            adapter = rt.adapter
+            hidden = self._arg("hidden_states", args, kwargs)
+            norm = getattr(module, adapter.modulation)
+            modulated = norm(hidden, emb=self._arg(adapter.modulation_argument, args, kwargs))[0]
+            state.full = state.policy.decide(modulated, hidden, state.current_step)
         if state.full:
             rt.stats[rt.state_manager.context.name].block_calls += 1
             return self.fn_ref.original_forward(*args, **kwargs)
@@ -310,8 +324,9 @@ def apply_lesa_cache(
     adapter = runtime.adapter
     root = HookRegistry.check_if_exists_or_initialize(transformer)
     root.register_hook(RootHook(runtime), ROOT_HOOK)
-    for _, block in adapter.trunk_blocks(transformer):
-        HookRegistry.check_if_exists_or_initialize(block).register_hook(TrunkBlockHook(runtime, block), TRUNK_HOOK)
+    for i, (_, block) in enumerate(adapter.trunk_blocks(transformer)):
+        hook = TrunkBlockHook(runtime, block, first=i == 0)
+        HookRegistry.check_if_exists_or_initialize(block).register_hook(hook, TRUNK_HOOK)
     tap_module = transformer.get_submodule(adapter.tap_module)
     HookRegistry.check_if_exists_or_initialize(tap_module).register_hook(TapHook(runtime, tap_module), TAP_HOOK)
     root.invalidate_child_registries_cache()

@@ -54,6 +54,7 @@ class TrainConfig:
     windows: tuple[int, ...] = (4, 8, 8)
     history: int = 8
     kan_hidden: tuple[int, ...] = (256, 256)
+    gain: str = "kan"
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -145,6 +146,7 @@ class Trainer:
             history=self.cfg.history,
             contexts=list(self.rec.contexts),
             kan_hidden=list(self.cfg.kan_hidden),
+            gain=self.cfg.gain,
             target=self.cfg.target,
             base_model=self.settings["model"],
         )

@@ -1,8 +1,10 @@
-"""Caching policies behind one interface: none, fora (reuse), taylorseer, lesa."""
+"""Caching policies behind one interface: none, fora (reuse), taylorseer, linear, teacache, lesa."""
 
 from .base import Policy
 from .lesa import LESAPolicy
+from .linear import LinearForecastPolicy
 from .reuse import ReusePolicy
 from .taylorseer import TaylorSeerPolicy
+from .teacache import TeaCachePolicy
 
-__all__ = ["LESAPolicy", "Policy", "ReusePolicy", "TaylorSeerPolicy"]
+__all__ = ["LESAPolicy", "LinearForecastPolicy", "Policy", "ReusePolicy", "TaylorSeerPolicy", "TeaCachePolicy"]

@@ -30,11 +30,22 @@ def pad_window(history: list[torch.Tensor], window: int) -> list[torch.Tensor]:
 class StageExpert(nn.Module):
     """One noise stage: z = Linear(K -> 1) over each element's K history values; alpha = KAN(sigma_now - sigmas)."""
 
-    def __init__(self, window: int, schedule_length: int, kan_hidden: tuple[int, ...], **kan_kwargs) -> None:
+    def __init__(
+        self, window: int, schedule_length: int, kan_hidden: tuple[int, ...], gain: str = "kan", **kan_kwargs
+    ) -> None:
         super().__init__()
         self.window = window
         self.mix = nn.Linear(window, 1)
-        self.gain = KAN([schedule_length, *kan_hidden, 1], **kan_kwargs)
+        if gain == "kan":
+            self.gain = KAN([schedule_length, *kan_hidden, 1], **kan_kwargs)
+        else:  # the ablation's MLP of the same widths, last layer zeroed so the gain also starts at 0
+            widths = [schedule_length, *kan_hidden, 1]
+            layers: list[nn.Module] = []
+            for a, b in zip(widths, widths[1:], strict=False):
+                layers += [nn.Linear(a, b), nn.SiLU()]
+            self.gain = nn.Sequential(*layers[:-1])
+            nn.init.zeros_(self.gain[-1].weight)
+            nn.init.zeros_(self.gain[-1].bias)
         with torch.no_grad():
             # Start the filter as a first difference (z = h[-1] - h[-2]): with the gain near zero the predictor
             # begins between reuse and linear extrapolation instead of at a random filter.

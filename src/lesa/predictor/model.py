@@ -37,6 +37,7 @@ class PredictorConfig:
     history: int = 8
     contexts: list[str] = field(default_factory=lambda: ["cond"])
     kan_hidden: list[int] = field(default_factory=lambda: [256, 256])
+    gain: str = "kan"  # temporal gain network: "kan" (paper) or "mlp" (the paper's ablation)
     grid_size: int = 5
     spline_order: int = 3
     grid_range: list[float] = field(default_factory=lambda: [-3.0, 3.0])
@@ -54,6 +55,8 @@ class PredictorConfig:
             raise ValueError(f"thresholds must decrease strictly, got {self.thresholds}")
         if min(self.windows) < 1 or max(self.windows) > self.history:
             raise ValueError(f"every window K must lie in 1..history={self.history}, got {self.windows}")
+        if self.gain not in ("kan", "mlp"):
+            raise ValueError(f"gain must be 'kan' or 'mlp', got {self.gain!r}")
         if len(self.sigmas) < self.num_steps:
             raise ValueError(f"sigmas has {len(self.sigmas)} values for {self.num_steps} steps")
 
@@ -92,7 +95,8 @@ class LESAPredictor(nn.Module):
         self.experts = nn.ModuleDict(
             {
                 ctx: nn.ModuleList(
-                    StageExpert(k, len(config.sigmas), tuple(config.kan_hidden), **kan_kwargs) for k in config.windows
+                    StageExpert(k, len(config.sigmas), tuple(config.kan_hidden), gain=config.gain, **kan_kwargs)
+                    for k in config.windows
                 )
                 for ctx in config.contexts
             }

@@ -1,0 +1,96 @@
+"""Seconds-to-fit baselines from recorded trajectories: the damping of TaylorSeer O1, a per-step least-squares
+linear forecaster, and TeaCache's polynomial and threshold.
+
+Fits are teacher-forced: every feature comes from the unaccelerated run, as `lesa record` stored it. Fit on the
+predictor's training prompts, never on the prompts a benchmark evaluates.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import numpy as np
+import torch
+
+from .record import Recording
+from .schedule import StepSchedule
+
+
+def _cycles(schedule: StepSchedule, num_steps: int) -> list[tuple[int, list[int]]]:
+    """For every cached step, the full steps before it (newest first)."""
+    full = schedule.full_steps(num_steps)
+    out = []
+    for step in schedule.cached_steps(num_steps):
+        out.append((step, [f for f in reversed(full) if f < step]))
+    return out
+
+
+def _trajectories(recording: Recording, indices: Iterable[int] | None) -> Iterable[torch.Tensor]:
+    for i in range(len(recording)) if indices is None else indices:
+        tensors = recording.load(i)
+        for context in recording.contexts:
+            yield tensors[f"{context}.feature"].double()
+
+
+def fit_damping(recording: Recording, schedule: StepSchedule, indices: Iterable[int] | None = None) -> float:
+    """The g minimising sum ||F(f) + g * k * dF - F(s)||^2 over cached steps s (f the last full step, k = s - f,
+    dF the first difference of the last two full steps): TaylorSeer O1 with a fitted step."""
+    num_steps = len(recording.sigmas) - 1
+    cycles = [(s, fulls) for s, fulls in _cycles(schedule, num_steps) if len(fulls) >= 2]
+    numerator = denominator = 0.0
+    for features in _trajectories(recording, indices):
+        for step, (f0, f1, *_) in cycles:
+            x = (step - f0) * (features[f0] - features[f1]) / (f0 - f1)
+            numerator += float((x * (features[step] - features[f0])).sum())
+            denominator += float((x * x).sum())
+    if denominator == 0:
+        raise ValueError(f"{recording.dir}: no cached step has two full steps before it; cannot fit a damping")
+    return numerator / denominator
+
+
+def fit_linear(
+    recording: Recording, schedule: StepSchedule, history: int = 3, indices: Iterable[int] | None = None
+) -> dict[int, list[float]]:
+    """Per cached step, least-squares weights over the last `history` full-step features (newest first)."""
+    num_steps = len(recording.sigmas) - 1
+    cycles = [(s, fulls[:history]) for s, fulls in _cycles(schedule, num_steps)]
+    gram = {s: np.zeros((len(f), len(f))) for s, f in cycles}
+    rhs = {s: np.zeros(len(f)) for s, f in cycles}
+    for features in _trajectories(recording, indices):
+        flat = features.flatten(1)
+        products = (flat @ flat.T).numpy()  # every step's inner product with every other step
+        for step, fulls in cycles:
+            gram[step] += products[np.ix_(fulls, fulls)]
+            rhs[step] += products[fulls, step]
+    weights = {}
+    for step, fulls in cycles:
+        g = gram[step] + 1e-9 * np.trace(gram[step]) * np.eye(len(fulls))  # ridge against collinear features
+        weights[step] = [float(w) for w in np.linalg.solve(g, rhs[step])]
+    return weights
+
+
+def fit_polynomial(pairs: list[tuple[float, float]], degree: int = 4) -> tuple[float, ...]:
+    """TeaCache's rescaling polynomial (highest power first) from (input change, output change) pairs."""
+    if len(pairs) <= degree:
+        raise ValueError(f"need more than {degree} (input change, output change) pairs to fit, got {len(pairs)}")
+    x, y = np.array(pairs).T
+    return tuple(float(c) for c in np.polyfit(x, y, degree))
+
+
+def search_threshold(
+    full_steps_at: Callable[[float], float], target: float, low: float, high: float, iterations: int = 14
+) -> tuple[float, float]:
+    """Bisection for the threshold whose mean full-step count is nearest `target` (counts fall as it rises).
+
+    Returns (threshold, its full-step count)."""
+    best = (low, full_steps_at(low))
+    for _ in range(iterations):
+        mid = (low + high) / 2
+        count = full_steps_at(mid)
+        if abs(count - target) < abs(best[1] - target) or (count == best[1] and mid > best[0]):
+            best = (mid, count)
+        if count > target:
+            low = mid
+        else:
+            high = mid
+    return best

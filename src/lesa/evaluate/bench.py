@@ -1,0 +1,388 @@
+"""`lesa bench`: quality against speed for LESA and its baselines, at matched full-step budgets, on one pipeline.
+
+Per prompt i (seed i) the unaccelerated image is the reference; every method then generates from the same seed.
+Work is counted by one meter for every method (`work.py`); wall-clock speed-up comes from a separate pass in which
+the methods are interleaved (rotating order) over several repeats and the median is taken.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..adapters import get_adapter
+from ..io import atomic_path, atomic_write_text
+from ..record import Recording, read_prompts, record
+from .methods import FAMILIES, NEEDS_FIT_DATA, SEARCHED, Budget, Method, fixed_methods, lesa_methods, searched_method
+from .work import GenerationWork, WorkMeter, trunk_executions
+
+
+@dataclass
+class BenchConfig:
+    prompts: str
+    out: str
+    model: str | None = None
+    predictors: list[str] = field(default_factory=list)
+    methods: list[str] = field(default_factory=lambda: list(FAMILIES))
+    steps: int = 50
+    intervals: list[int] = field(default_factory=lambda: [7, 10])  # budgets when no predictor gives them
+    warmup: int = 3
+    fit_data: str | None = None
+    fit_prompts: str | None = None
+    fit_count: int = 20
+    search_prompts: int = 4
+    search_iterations: int = 12
+    repeats: int = 3
+    timing_prompts: int = 4
+    limit: int | None = None
+    guidance_scale: float | None = None
+    height: int | None = None
+    width: int | None = None
+    device: str | None = None
+    dtype: str | None = None
+    lpips_weights: list[str] = field(default_factory=list)
+    clip: str | None = None
+    image_reward: str | None = None
+
+
+def mean_se(values: list[float]) -> tuple[float, float]:
+    finite = [v for v in values if math.isfinite(v)]
+    if not finite:
+        return float("nan"), float("nan")
+    m = sum(finite) / len(finite)
+    if len(finite) < 2:
+        return m, float("nan")
+    return m, statistics.stdev(finite) / math.sqrt(len(finite))
+
+
+class Bench:
+    def __init__(self, cfg: BenchConfig, log=print) -> None:
+        from ..models import load_pipeline, model_label
+
+        self.cfg, self.log = cfg, log
+        self.out = Path(cfg.out)
+        self.prompts = read_prompts(cfg.prompts)[: cfg.limit]
+        unknown = [m for m in cfg.methods if m not in FAMILIES]
+        if unknown:
+            raise ValueError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(FAMILIES)}")
+        self.model = model_label(cfg.model)
+        self.pipe = load_pipeline(cfg.model, cfg.device, cfg.dtype)
+        self.pipe.set_progress_bar_config(disable=True)
+        self.device = str(self.pipe.transformer.device)
+        blocks = [b for _, b in get_adapter(self.pipe.transformer).trunk_blocks(self.pipe.transformer)]
+        self.meter = WorkMeter(self.pipe.transformer, blocks)
+        self.notices: list[str] = []
+        self.flops_tables: dict[str, dict[int, int]] = {}
+
+    def notice(self, text: str) -> None:
+        self.notices.append(text)
+        self.log(f"notice: {text}")
+
+    # -- generation --------------------------------------------------------------------------------------------------
+    def kwargs(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"num_inference_steps": self.cfg.steps}
+        for key in ("guidance_scale", "height", "width"):
+            if getattr(self.cfg, key) is not None:
+                out[key] = getattr(self.cfg, key)
+        return out
+
+    def generate(self, prompt: str, seed: int) -> np.ndarray:
+        generator = torch.Generator(self.device).manual_seed(seed)
+        image = self.pipe(prompt=prompt, generator=generator, output_type="pil", **self.kwargs()).images[0]
+        return np.array(image.convert("RGB"))
+
+    def run(self, method: Method | None, prompt: str, seed: int, measure: bool) -> tuple[np.ndarray, GenerationWork]:
+        key = method.row + (method.seed or "") if method else "full"
+        table = self.flops_tables.setdefault(key, {})
+        if method:
+            method.enable(self.pipe)
+        try:
+            self.meter.start(table, measure)
+            image = self.generate(prompt, seed)
+            work = self.meter.stop()
+        finally:
+            if method:
+                method.disable(self.pipe)
+        return image, work
+
+    # -- fitting data -------------------------------------------------------------------------------------------------
+    def fitting(self) -> tuple[Recording | None, list[str]]:
+        """The recording calibrated baselines are fitted on, and the prompts thresholds are searched on."""
+        cfg = self.cfg
+        if cfg.fit_data:
+            rec = Recording(cfg.fit_data)
+            prompts = [e["prompt"] for e in rec.entries]
+        elif cfg.fit_prompts:
+            prompts = read_prompts(cfg.fit_prompts)[: cfg.fit_count]
+            rec = None
+            if any(m in NEEDS_FIT_DATA for m in cfg.methods):
+                target = self.out / "fit-data"
+                self.log(f"recording {len(prompts)} fitting trajectories into {target}")
+                record(
+                    self.pipe,
+                    prompts,
+                    target,
+                    model=self.model,
+                    steps=cfg.steps,
+                    height=cfg.height,
+                    width=cfg.width,
+                    guidance_scale=cfg.guidance_scale,
+                    log=self.log,
+                )
+                rec = Recording(target)
+        else:
+            return None, []
+        overlap = sorted(set(prompts) & set(self.prompts))
+        if overlap:
+            raise ValueError(
+                f"{len(overlap)} evaluation prompt(s) are also fitting prompts (e.g. {overlap[0]!r}); the evaluation "
+                "prompts must be disjoint from every prompt used for fitting or training"
+            )
+        return rec, prompts
+
+    # -- methods ------------------------------------------------------------------------------------------------------
+    def build_methods(self) -> list[Method]:
+        cfg = self.cfg
+        learned = lesa_methods(cfg.predictors, cfg.steps) if "lesa" in cfg.methods else {}
+        schedules = list(learned) or [(n, cfg.warmup) for n in cfg.intervals]
+        rec, fit_prompts = self.fitting()
+        search = fit_prompts[: cfg.search_prompts]
+        methods: list[Method] = []
+        for interval, warmup in schedules:
+            budget = Budget(interval, warmup, cfg.steps)
+            methods += learned.get((interval, warmup), [])
+            for family in cfg.methods:
+                if family == "lesa":
+                    continue
+                if family in NEEDS_FIT_DATA and rec is None:
+                    self.notice(f"{family} skipped: it is fitted on trajectories; pass --fit-data or --fit-prompts")
+                    continue
+                if family in SEARCHED:
+                    if not search:
+                        self.notice(f"{family} skipped: its threshold is searched on --fit-data/--fit-prompts prompts")
+                        continue
+                    methods.append(self._searched(family, budget, search))
+                    continue
+                indices = None if rec is None else list(range(len(rec)))
+                methods += fixed_methods(family, budget, rec, indices)
+        for m in methods:
+            if "unmatched" in m.fitted:
+                self.notice(f"{m.row}: {m.fitted['unmatched']}")
+            if m.fitted:
+                shown = {k: v for k, v in m.fitted.items() if k not in ("weights", "mag_ratios", "coefficients")}
+                self.log(f"fitted {m.row}: {json.dumps(shown)}")
+        return methods
+
+    def _searched(self, family: str, budget: Budget, prompts: list[str]) -> Method:
+        cfg = self.cfg
+        reference = self.run(None, prompts[0], 0, measure=False)[1]
+        num_units = self.meter.num_units
+
+        def executions(method: Method) -> float:
+            counts = []
+            for i, prompt in enumerate(prompts):
+                work = self.run(method, prompt, i, measure=False)[1]
+                counts.append(trunk_executions(work, reference, num_units, self.cfg.steps))
+            return sum(counts) / len(counts)
+
+        def fit_generate() -> None:
+            for i, prompt in enumerate(prompts):
+                self.generate(prompt, i)
+
+        self.log(f"searching the {family} threshold for {budget.label} on {len(prompts)} fitting prompt(s)")
+        return searched_method(family, budget, self.pipe, executions, fit_generate, cfg.search_iterations)
+
+    # -- the bench ----------------------------------------------------------------------------------------------------
+    def __call__(self) -> dict[str, Any]:
+        from .scoring import make_scorer
+
+        cfg = self.cfg
+        self.out.mkdir(parents=True, exist_ok=True)
+        methods = self.build_methods()
+        per_prompt: dict[str, list[dict[str, Any]]] = {"full": []}
+        for m in methods:
+            per_prompt.setdefault(_key(m), [])
+        scorer = make_scorer(cfg, self.prompts, self.notice)
+        total = len(self.prompts) * (len(methods) + 1)
+        samples: dict[str, np.ndarray] = {}
+        with tqdm(total=total, desc="bench", unit="image") as bar:
+            for i, prompt in enumerate(self.prompts):
+                reference, ref_work = self.run(None, prompt, i, measure=i == 0)
+                per_prompt["full"].append({"work": ref_work, **scorer(prompt, reference, None)})
+                bar.update(1)
+                for m in methods:
+                    image, work = self.run(m, prompt, i, measure=i == 0)
+                    per_prompt[_key(m)].append({"work": work, **scorer(prompt, image, reference)})
+                    bar.update(1)
+                    if i == 0:
+                        samples.setdefault(m.row, image)
+                if i == 0:
+                    _save_sample(self.out / "sample.png", [reference, *samples.values()])
+        seconds = self.timing(methods)
+        results = self.summarise(methods, per_prompt, seconds)
+        atomic_write_text(self.out / "results.json", json.dumps(_clean(results), indent=1) + "\n")
+        from .report import pareto_plot, results_table
+
+        atomic_write_text(self.out / "results.md", results_table(results))
+        pareto_plot(results, self.out / "pareto.png")
+        self.log(f"wrote {self.out / 'results.json'}, {self.out / 'results.md'} and {self.out / 'pareto.png'}")
+        return results
+
+    def timing(self, methods: list[Method]) -> dict[str, list[float]]:
+        """Seconds per image, methods interleaved in rotating order, `repeats` times over the first prompts."""
+        cfg = self.cfg
+        prompts = self.prompts[: cfg.timing_prompts]
+        entries: list[Method | None] = [None, *methods]
+        seconds: dict[str, list[float]] = {"full" if m is None else _key(m): [] for m in entries}
+        total = cfg.repeats * len(prompts) * len(entries)
+        with tqdm(total=total, desc="timing", unit="image") as bar:
+            for r in range(cfg.repeats):
+                for i, prompt in enumerate(prompts):
+                    shift = (r * len(prompts) + i) % len(entries)
+                    for m in entries[shift:] + entries[:shift]:
+                        if m:
+                            m.enable(self.pipe)
+                        try:
+                            start = time.perf_counter()
+                            self.generate(prompt, i)
+                            elapsed = time.perf_counter() - start
+                        finally:
+                            if m:
+                                m.disable(self.pipe)
+                        seconds["full" if m is None else _key(m)].append(elapsed)
+                        bar.update(1)
+        return seconds
+
+    def summarise(
+        self, methods: list[Method], per_prompt: dict[str, list[dict[str, Any]]], seconds: dict[str, list[float]]
+    ) -> dict[str, Any]:
+        cfg = self.cfg
+        steps = cfg.steps
+        ref_runs = per_prompt["full"]
+        num_units = self.meter.num_units
+        full_flops = sum(r["work"].flops for r in ref_runs)
+        full_seconds = statistics.median(seconds["full"])
+        runs: dict[str, Any] = {}
+        for m in [None, *methods]:
+            key = "full" if m is None else _key(m)
+            rows = per_prompt[key]
+            execs = [
+                trunk_executions(r["work"], ref["work"], num_units, steps)
+                for r, ref in zip(rows, ref_runs, strict=True)
+            ]
+            metrics = {
+                name: [r[name] for r in rows]
+                for name in rows[0]
+                if name != "work" and isinstance(rows[0][name], (int, float, type(None)))
+            }
+            runs[key] = {
+                "row": "full compute" if m is None else m.row,
+                "family": "none" if m is None else m.family,
+                "budget": None if m is None else m.budget.label,
+                "seed": None if m is None else m.seed,
+                "fitted": {} if m is None else m.fitted,
+                "trunk_executions": sum(execs) / len(execs),
+                "flops_speedup": full_flops / max(1, sum(r["work"].flops for r in rows)),
+                "flops_estimated": any(r["work"].estimated for r in rows),
+                "seconds_median": statistics.median(seconds[key]),
+                "wallclock_speedup": full_seconds / statistics.median(seconds[key]),
+                "per_prompt": metrics,
+            }
+        rows_out = _rows(runs, methods)
+        return {
+            "command": " ".join(sys.argv),
+            "config": asdict(cfg),
+            "model": self.model,
+            "machine": {
+                "platform": platform.platform(),
+                "python": platform.python_version(),
+                "torch": torch.__version__,
+                "device": self.device,
+                "threads": torch.get_num_threads(),
+            },
+            "n_prompts": len(self.prompts),
+            "notices": self.notices,
+            "runs": runs,
+            "rows": rows_out,
+        }
+
+
+def _key(m: Method) -> str:
+    return m.row if m.seed is None else f"{m.row} [{m.seed}]"
+
+
+QUALITY = ("psnr", "ssim", "ms_ssim", "lpips", "clip_score", "image_reward", "prompt_following")
+
+
+def _rows(runs: dict[str, Any], methods: list[Method]) -> list[dict[str, Any]]:
+    """One row per method: metrics averaged over seeds (per prompt), seed spread, paired difference to TaylorSeer O1."""
+    grouped: dict[str, list[str]] = {"full compute": ["full"]}
+    for m in methods:
+        grouped.setdefault(m.row, []).append(_key(m))
+    rows = []
+    for row, keys in grouped.items():
+        first = runs[keys[0]]
+        out: dict[str, Any] = {
+            "row": row,
+            "family": first["family"],
+            "budget": first["budget"],
+            "seeds": len(keys),
+            "trunk_executions": statistics.mean(runs[k]["trunk_executions"] for k in keys),
+            "flops_speedup": statistics.mean(runs[k]["flops_speedup"] for k in keys),
+            "wallclock_speedup": statistics.mean(runs[k]["wallclock_speedup"] for k in keys),
+            "fitted": first["fitted"],
+        }
+        for metric in QUALITY:
+            series = [runs[k]["per_prompt"].get(metric) for k in keys]
+            if any(s is None or any(v is None for v in s) for s in series):
+                continue
+            per_prompt = [statistics.mean(vals) for vals in zip(*series, strict=True)]
+            out[metric] = mean_se(per_prompt)
+            if len(keys) > 1:
+                out[f"{metric}_seed_spread"] = statistics.stdev(mean_se(s)[0] for s in series)
+            out[f"_{metric}_per_prompt"] = per_prompt
+        rows.append(out)
+    # paired differences against TaylorSeer O1 at the same budget
+    baseline = {r["budget"]: r for r in rows if r["family"] == "taylorseer-o1"}
+    for r in rows:
+        base = baseline.get(r["budget"])
+        if base is None or r is base:
+            continue
+        for metric in ("psnr", "ssim"):
+            a, b = r.get(f"_{metric}_per_prompt"), base.get(f"_{metric}_per_prompt")
+            if a and b:
+                r[f"{metric}_vs_taylorseer_o1"] = mean_se([x - y for x, y in zip(a, b, strict=True)])
+    return rows
+
+
+def _save_sample(path: Path, images: list[np.ndarray]) -> None:
+    """The first prompt's images side by side: full compute, then every method (first seed of each row)."""
+    from PIL import Image
+
+    strip = np.concatenate(images, axis=1)
+    scale = max(1, 128 // strip.shape[0])
+    image = Image.fromarray(strip).resize((strip.shape[1] * scale, strip.shape[0] * scale), Image.NEAREST)
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG")
+
+
+def _clean(value: Any) -> Any:
+    """JSON-safe: infinite or NaN floats become strings ("inf"), tuples lists."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    if isinstance(value, dict):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    return value

@@ -1,0 +1,262 @@
+"""The methods `lesa bench` compares, each a row built for one full-step budget, and how each is tuned to it.
+
+Budgets are named by LESA's schedule: interval N with warm-up E gives a fixed number of full steps (10 of 50 at
+N = 7). Fixed-schedule methods reuse it; adaptive ones (TeaCache, First Block Cache, MagCache) get a threshold
+searched on the fitting prompts until their mean trunk executions match; calibrated baselines are fitted on the
+fitting trajectories. Nothing here looks at the evaluation prompts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import lesa
+
+from ..calibrate import fit_damping, fit_linear, fit_polynomial, search_threshold
+from ..config import LinearForecastConfig, TeaCacheConfig
+from ..predictor import LESAPredictor
+from ..record import Recording
+from ..schedule import StepSchedule
+
+FAMILIES: tuple[str, ...] = (
+    "lesa",
+    "fora",
+    "taylorseer-o1",
+    "taylorseer-o2",
+    "taylorseer-damped",
+    "linear",
+    "teacache",
+    "diffusers-taylorseer",
+    "diffusers-fbcache",
+    "diffusers-magcache",
+)
+NEEDS_FIT_DATA = ("taylorseer-damped", "linear")
+SEARCHED = ("teacache", "diffusers-fbcache", "diffusers-magcache")
+
+
+@dataclass
+class Budget:
+    """A full-step budget: LESA's schedule (interval N, warm-up E) over `steps` steps."""
+
+    interval: int
+    warmup: int
+    steps: int
+
+    @property
+    def schedule(self) -> StepSchedule:
+        return StepSchedule(self.interval, self.warmup)
+
+    @property
+    def full_steps(self) -> int:
+        return len(self.schedule.full_steps(self.steps))
+
+    @property
+    def label(self) -> str:
+        return f"{self.full_steps}/{self.steps}"
+
+
+@dataclass
+class Method:
+    """One row of the table (learned rows: one entry per training seed, same `row`)."""
+
+    row: str
+    family: str
+    budget: Budget
+    enable: Callable[[Any], None]
+    disable: Callable[[Any], None]
+    seed: str | None = None
+    fitted: dict[str, Any] = field(default_factory=dict)
+
+
+def _ours(config: lesa.CacheConfig) -> tuple[Callable, Callable]:
+    return (lambda pipe: lesa.enable(pipe, config)), lesa.disable
+
+
+def _diffusers(config_factory: Callable[[], Any]) -> tuple[Callable, Callable]:
+    return (lambda pipe: pipe.transformer.enable_cache(config_factory())), (
+        lambda pipe: pipe.transformer.disable_cache()
+    )
+
+
+def fixed_methods(family: str, budget: Budget, fit: Recording | None, fit_indices: list[int] | None) -> list[Method]:
+    """Rows whose schedule is LESA's own (all but the learned and the searched ones)."""
+    sched = dict(interval=budget.interval, warmup=budget.warmup, count_flops=False)
+    n = f"N={budget.interval}"
+    if family == "fora":
+        return [Method(f"FORA {n}", family, budget, *_ours(lesa.FORAConfig(**sched)))]
+    if family in ("taylorseer-o1", "taylorseer-o2"):
+        order = int(family[-1])
+        return [Method(f"TaylorSeer O{order} {n}", family, budget, *_ours(lesa.TaylorSeerConfig(order=order, **sched)))]
+    if family == "taylorseer-damped":
+        g = fit_damping(fit, budget.schedule, fit_indices)
+        config = lesa.TaylorSeerConfig(order=1, damping=g, **sched)
+        return [Method(f"TaylorSeer O1 damped {n}", family, budget, *_ours(config), fitted={"damping": g})]
+    if family == "linear":
+        weights = fit_linear(fit, budget.schedule, indices=fit_indices)
+        config = LinearForecastConfig(weights=weights, **sched)
+        fitted = {"history": 3, "weights": {str(k): v for k, v in weights.items()}}
+        return [Method(f"least-squares linear {n}", family, budget, *_ours(config), fitted=fitted)]
+    if family == "diffusers-taylorseer":
+        import torch
+        from diffusers import TaylorSeerCacheConfig
+
+        before, every = diffusers_taylorseer_rhythm(budget)
+
+        def factory() -> Any:
+            # lite mode: every trunk block skipped, TaylorSeer O1 on the final projection; full-precision factors
+            return TaylorSeerCacheConfig(
+                cache_interval=every,
+                disable_cache_before_step=before,
+                max_order=1,
+                use_lite_mode=True,
+                taylor_factors_dtype=torch.float32,
+            )
+
+        fitted = {"cache_interval": every, "disable_cache_before_step": before}
+        return [Method(f"diffusers TaylorSeerCache lite O1 {n}", family, budget, *_diffusers(factory), fitted=fitted)]
+    raise ValueError(f"{family!r} is not a fixed-schedule method")
+
+
+def diffusers_taylorseer_rhythm(budget: Budget) -> tuple[int, int]:
+    """(disable_cache_before_step, cache_interval) whose full-step count equals the budget's, nearest to (E+1, N).
+
+    diffusers computes steps < D and every step with (step - D - 1) % I == 0; our schedule computes 0..E and then
+    every N-th step, so the two rhythms differ slightly and only the count can match."""
+    best = None
+    for before in range(budget.warmup + 1, budget.warmup + budget.interval + 1):
+        for every in range(max(1, budget.interval - 3), budget.interval + 4):
+            count = sum(1 for s in range(budget.steps) if s < before or (s - before - 1) % every == 0)
+            cost = (abs(count - budget.full_steps), abs(every - budget.interval) + abs(before - budget.warmup - 1))
+            if best is None or cost < best[0]:
+                best = (cost, before, every)
+    return best[1], best[2]
+
+
+def lesa_methods(predictors: list[str], steps: int) -> dict[tuple[int, int], list[Method]]:
+    """LESA rows grouped by budget; several predictors of one schedule are seeds of one row."""
+    out: dict[tuple[int, int], list[Method]] = {}
+    for directory in predictors:
+        predictor = LESAPredictor.from_pretrained(directory)
+        pc = predictor.config
+        if pc.num_steps != steps:
+            raise ValueError(f"predictor {directory} was trained for {pc.num_steps} steps, the bench runs {steps}")
+        budget = Budget(pc.interval, pc.warmup, steps)
+        config = lesa.LESAConfig(predictor=predictor, count_flops=False)
+        method = Method(f"LESA N={pc.interval}", "lesa", budget, *_ours(config), seed=str(directory))
+        out.setdefault((pc.interval, pc.warmup), []).append(method)
+    return out
+
+
+def mag_ratios(generate: Callable[[], None], pipe: Any, steps: int) -> list[float]:
+    """MagCache's own calibration run (diffusers prints the ratios; we read them), averaged over cache contexts."""
+    from diffusers import MagCacheConfig
+
+    pipe.transformer.enable_cache(MagCacheConfig(calibrate=True, num_inference_steps=steps))
+    buffer = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buffer):
+            generate()
+    finally:
+        pipe.transformer.disable_cache()
+    lists = [
+        [float(x) for x in match.split(",")]
+        for match in re.findall(r"\[([-0-9.eE, ]+)\]", buffer.getvalue())
+        if match.count(",") == steps - 1
+    ]
+    if not lists:
+        raise RuntimeError("MagCache calibration printed no ratios; diffusers' MagCache output format changed?")
+    return [sum(values) / len(values) for values in zip(*lists, strict=True)]
+
+
+def teacache_polynomial(generate: Callable[[], None], pipe: Any) -> tuple[float, ...]:
+    """Fit TeaCache's polynomial for this model from full-compute runs (every step computed, pairs collected)."""
+    config = TeaCacheConfig(threshold=0.0, calibrate=True, count_flops=False)
+    runtime = lesa.enable(pipe, config)
+    pairs: list[tuple[float, float]] = []
+    policies = []
+
+    def collect(event) -> None:
+        policy = runtime.state_manager.get_state().policy
+        if policy not in policies:
+            policies.append(policy)
+
+    runtime.observers.append(collect)
+    try:
+        generate()
+    finally:
+        lesa.disable(pipe)
+    for policy in policies:
+        pairs.extend(policy.pairs)
+    return fit_polynomial(pairs)
+
+
+def searched_method(
+    family: str,
+    budget: Budget,
+    pipe: Any,
+    trunk_executions_at: Callable[[Method], float],
+    fit_generate: Callable[[], None],
+    iterations: int = 12,
+) -> Method:
+    """A method with its threshold searched so its mean trunk executions on the fitting prompts match `budget`."""
+    n = f"N={budget.interval}"
+    fitted: dict[str, Any] = {}
+    if family == "teacache":
+        coefficients = teacache_polynomial(fit_generate, pipe)
+        fitted["coefficients"] = list(coefficients)
+
+        def make(threshold: float) -> Method:
+            config = TeaCacheConfig(threshold=threshold, coefficients=coefficients, count_flops=False)
+            return Method(f"TeaCache ({budget.label} matched)", family, budget, *_ours(config))
+
+        high = 20.0
+    elif family == "diffusers-fbcache":
+        from diffusers import FirstBlockCacheConfig
+
+        def make(threshold: float) -> Method:
+            return Method(
+                f"diffusers FirstBlockCache ({budget.label} matched)",
+                family,
+                budget,
+                *_diffusers(lambda: FirstBlockCacheConfig(threshold=threshold)),
+            )
+
+        high = 10.0
+    elif family == "diffusers-magcache":
+        from diffusers import MagCacheConfig
+
+        ratios = mag_ratios(fit_generate, pipe, budget.steps)
+        fitted["mag_ratios"] = ratios
+
+        def make(threshold: float) -> Method:
+            def factory() -> Any:
+                return MagCacheConfig(
+                    threshold=threshold,
+                    max_skip_steps=budget.interval - 1,
+                    retention_ratio=(budget.warmup + 1) / budget.steps,
+                    num_inference_steps=budget.steps,
+                    mag_ratios=ratios,
+                )
+
+            return Method(f"diffusers MagCache ({budget.label} matched)", family, budget, *_diffusers(factory))
+
+        high = 5.0
+    else:
+        raise ValueError(f"{family!r} is not a searched method")
+    threshold, executions = search_threshold(
+        lambda t: trunk_executions_at(make(t)), target=budget.full_steps, low=0.0, high=high, iterations=iterations
+    )
+    method = make(threshold)
+    method.fitted = {**fitted, "threshold": threshold, "fit_trunk_executions": executions}
+    if abs(executions - budget.full_steps) > 0.5:
+        method.fitted["unmatched"] = (
+            f"no threshold in [0, {high}] reaches {budget.full_steps} trunk executions on the fitting prompts "
+            f"(nearest {executions:.2f})"
+        )
+    method.row = method.row.replace("matched", f"{n}-matched")
+    return method

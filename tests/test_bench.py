@@ -1,0 +1,127 @@
+"""`lesa bench` on the tiny pipeline, the calibrated baselines' fits, and TeaCache's adaptive skipping."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import SIZE, STEPS, generate
+
+import lesa
+from lesa.calibrate import fit_damping, fit_linear, fit_polynomial, search_threshold
+from lesa.cli import main
+from lesa.config import LinearForecastConfig, TeaCacheConfig
+from lesa.evaluate.methods import Budget, diffusers_taylorseer_rhythm
+from lesa.schedule import StepSchedule
+
+
+def test_fitted_damping_and_linear_weights_beat_plain_taylorseer_on_their_data(recording):
+    schedule = StepSchedule(7, 3)
+    g = fit_damping(recording, schedule)
+    weights = fit_linear(recording, schedule, history=3)
+    assert set(weights) == set(schedule.cached_steps(STEPS))
+
+    def error(forecast) -> float:
+        total = 0.0
+        for i in range(len(recording)):
+            f = recording.load(i)["cond.feature"].double()
+            for step in schedule.cached_steps(STEPS):
+                fulls = [s for s in reversed(schedule.full_steps(STEPS)) if s < step]
+                total += float(((forecast(f, step, fulls) - f[step]) ** 2).sum())
+        return total
+
+    def taylor(damping):
+        return lambda f, s, fl: f[fl[0]] + damping * (s - fl[0]) * (f[fl[0]] - f[fl[1]]) / (fl[0] - fl[1])
+
+    def linear(f, s, fl):
+        return sum(w * f[j] for w, j in zip(weights[s], fl, strict=False))
+
+    # least squares on the same data can only improve on the unfitted special cases
+    assert error(taylor(g)) <= error(taylor(1.0))
+    assert error(linear) <= error(taylor(g)) + 1e-9
+
+
+def test_linear_forecaster_runs_in_the_pipeline_with_the_schedule(pipe, recording):
+    schedule = StepSchedule(7, 3)
+    config = LinearForecastConfig(interval=7, weights=fit_linear(recording, schedule))
+    lesa.enable(pipe, config)
+    try:
+        out = generate(pipe, height=SIZE, width=SIZE)
+        info = lesa.summary(pipe)
+    finally:
+        lesa.disable(pipe)
+    assert torch.isfinite(out).all()
+    assert info["full_steps"] == len(schedule.full_steps(STEPS)) == 10
+
+
+def test_teacache_threshold_trades_full_steps_and_zero_threshold_is_exact(pipe):
+    reference = generate(pipe)
+    counts = []
+    for threshold in (0.0, 0.3, 3.0):
+        lesa.enable(pipe, TeaCacheConfig(threshold=threshold))
+        try:
+            out = generate(pipe)
+            counts.append(lesa.summary(pipe)["full_steps"])
+        finally:
+            lesa.disable(pipe)
+        if threshold == 0.0:
+            torch.testing.assert_close(out, reference)
+    assert counts[0] == STEPS
+    assert counts[0] >= counts[1] >= counts[2] and counts[2] < STEPS
+
+
+def test_polynomial_fit_and_threshold_search():
+    pairs = [(x / 10, 2 * (x / 10) ** 2 + 0.5) for x in range(10)]
+    coefficients = fit_polynomial(pairs, degree=2)
+    assert coefficients == pytest.approx((2.0, 0.0, 0.5), abs=1e-6)
+    threshold, count = search_threshold(lambda t: 50 - int(10 * t), target=20, low=0.0, high=10.0)
+    assert count == 20 and 3.0 <= threshold < 3.1 + 1e-9
+    with pytest.raises(ValueError, match="pairs"):
+        fit_polynomial([(0.1, 0.2)], degree=4)
+
+
+def test_diffusers_taylorseer_rhythm_matches_the_budget_count():
+    for interval in (5, 7, 10):
+        budget = Budget(interval, 3, 50)
+        before, every = diffusers_taylorseer_rhythm(budget)
+        count = sum(1 for s in range(50) if s < before or (s - before - 1) % every == 0)
+        assert count == budget.full_steps
+
+
+def test_bench_cli_writes_results_with_counts_matching_the_schedules(tmp_path, trained, recording):
+    _, _, predictor_dir = trained
+    prompts = tmp_path / "eval.txt"
+    prompts.write_text("an evaluation prompt\nanother evaluation prompt\n")
+    out = tmp_path / "bench"
+    methods = "lesa,fora,taylorseer-o1,taylorseer-damped,linear,teacache,diffusers-taylorseer"
+    argv = ["bench", "--model", "tiny-random-flux", "--prompts", str(prompts), "--out", str(out)]
+    argv += ["--predictor", str(predictor_dir), "--methods", methods, "--fit-data", str(recording.dir)]
+    argv += ["--height", str(SIZE), "--width", str(SIZE), "--search-prompts", "1", "--search-iterations", "5"]
+    argv += ["--repeats", "1", "--timing-prompts", "1"]
+    assert main(argv) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert (out / "results.md").read_text().startswith("# lesa bench")
+    assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = {r["row"]: r for r in results["rows"]}
+    assert rows["full compute"]["trunk_executions"] == STEPS
+    fixed = ["LESA N=7", "FORA N=7", "TaylorSeer O1 N=7", "TaylorSeer O1 damped N=7", "least-squares linear N=7"]
+    for name in [*fixed, "diffusers TaylorSeerCache lite O1 N=7"]:
+        assert rows[name]["trunk_executions"] == pytest.approx(10), name
+        assert rows[name]["flops_speedup"] > 2.0, name
+        assert len(rows[name]["_psnr_per_prompt"]) == 2
+        for key in ("psnr", "ssim", "wallclock_speedup"):
+            assert key in rows[name], (name, key)
+    assert 0 < rows["TaylorSeer O1 damped N=7"]["fitted"]["damping"] < 2
+    teacache = next(r for r in results["rows"] if r["family"] == "teacache")
+    assert "threshold" in teacache["fitted"] and len(teacache["fitted"]["coefficients"]) == 5
+    assert any("MS-SSIM skipped" in n for n in results["notices"])
+    assert results["n_prompts"] == 2 and results["runs"]["full"]["per_prompt"] == {}
+
+
+def test_bench_refuses_evaluation_prompts_used_for_fitting(tmp_path, recording):
+    prompts = tmp_path / "eval.txt"
+    prompts.write_text(recording.entries[0]["prompt"] + "\n")
+    argv = ["bench", "--model", "tiny-random-flux", "--prompts", str(prompts), "--out", str(tmp_path / "b")]
+    argv += ["--methods", "fora,taylorseer-damped", "--fit-data", str(recording.dir)]
+    assert main(argv) == 2
