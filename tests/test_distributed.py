@@ -30,6 +30,15 @@ TRAIN_CONFIG = dict(
 )
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One thread here too, as each torchrun rank has (the machine's cores are shared with the ranks)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def torchrun(args: list[str], tmp_path: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """`torchrun --standalone --nproc_per_node=2 -m lesa ARGS` on CPU (gloo), one thread per rank."""
     src = str(Path(lesa.__file__).resolve().parents[1])
@@ -125,72 +134,123 @@ def test_record_adopts_finished_shards_a_killed_run_left_unlisted(pipe, tmp_path
         record(pipe, PROMPTS[:4], tmp_path, **kw)
 
 
-def test_two_ranks_record_resume_after_a_kill_and_train_like_one_process(pipe, tmp_path):
-    t0 = time.perf_counter()
-    (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
+@pytest.fixture(scope="module")
+def two_rank_run(tmp_path_factory, pipe) -> dict:
+    """A 2-rank `lesa record` killed after rank 1's first shard and run again, then a 2-rank `lesa train`."""
+    work = tmp_path_factory.mktemp("two-ranks")
+    (work / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
     rec_args = ["record", "--model", "tiny-random-flux", "--prompts", "prompts.txt", "--out", "rec"]
     rec_args += ["--steps", str(STEPS), "--height", str(SIZE), "--width", str(SIZE), "--record-dtype", "float32"]
+    shards = work / "rec" / "shards"
+    run: dict = {"dir": work, "times": {}}
+    t = time.perf_counter()
+    # rank 1 dies abruptly after its first shard; torchrun then stops rank 0 wherever it is
+    run["killed"] = torchrun(rec_args, work, env={record_module.EXIT_AFTER_ENV: "1:1"})
+    run["left"] = {p.name: p.read_bytes() for p in shards.glob("*.safetensors")}
+    run["stamp"] = (shards / "000001.safetensors").stat().st_mtime_ns if (shards / "000001.safetensors").exists() else 0
+    run["times"]["killed record"] = time.perf_counter() - t
+    t = time.perf_counter()
+    run["resumed"] = torchrun(rec_args, work)  # the same command again
+    run["times"]["resumed record"] = time.perf_counter() - t
+    t = time.perf_counter()
+    run["trained"] = torchrun(["train", "--data", "rec", "--out", "pred", *TRAIN_FLAGS.split()], work)
+    run["times"]["2-rank train"] = time.perf_counter() - t
+    return run
 
-    # 1. rank 1 dies abruptly after its first shard; torchrun then stops rank 0 wherever it is
-    killed = torchrun(rec_args, tmp_path, env={record_module.EXIT_AFTER_ENV: "1:1"})
-    assert killed.returncode != 0, killed.stderr[-2000:]
-    shards = tmp_path / "rec" / "shards"
-    left = sorted(p.name for p in shards.glob("*.safetensors"))
-    assert "000001.safetensors" in left and len(left) < len(PROMPTS), left
-    for name in left:  # whatever is under a shard's name is complete
-        load_file(shards / name)
-    stamp = (shards / "000001.safetensors").stat().st_mtime_ns
-    t1 = time.perf_counter()
 
-    # 2. the same command again finishes the job: every prompt exactly once, nothing recorded twice
-    resumed = torchrun(rec_args, tmp_path)
+@pytest.fixture(scope="module")
+def one_process_run(two_rank_run, pipe) -> tuple[lesa.LESAPredictor, dict]:
+    """The same training in this process, on the same recording."""
+    work = two_rank_run["dir"]
+    t = time.perf_counter()
+    predictor = Trainer(Recording(work / "rec"), pipe, work / "pred1", TrainConfig(**TRAIN_CONFIG), **QUIET).run()
+    two_rank_run["times"]["1-process train"] = time.perf_counter() - t
+    return predictor, json.loads((work / "pred1" / "training_log.json").read_text())
+
+
+def max_abs_diff(a: torch.nn.Module, b: torch.nn.Module) -> float:
+    pairs = zip(a.state_dict().values(), b.state_dict().values(), strict=True)
+    return max((x - y).abs().max().item() for x, y in pairs)
+
+
+# Gradients are summed over ranks with each rank's loss normalised by the whole minibatch, so every update equals the
+# single-process one up to float summation order (~1e-7 relative), which Adam's normalised steps can amplify where
+# second moments are tiny. 1e-5 leaves room for that and is 100x below one step at lr 1e-3, so a missing or
+# unsynchronised update, or a rank training on the wrong share, fails.
+TOLERANCE = 1e-5
+
+
+def test_two_ranks_record_and_resume_after_a_kill_without_losing_or_duplicating(two_rank_run, pipe, tmp_path):
+    assert two_rank_run["killed"].returncode != 0, two_rank_run["killed"].stderr[-2000:]
+    left = two_rank_run["left"]
+    assert "000001.safetensors" in left and len(left) < len(PROMPTS), sorted(left)
+    resumed = two_rank_run["resumed"]
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"recorded {len(PROMPTS) - len(left)} prompt(s) ({len(left)} already done)" in resumed.stdout
-    manifest = json.loads((tmp_path / "rec" / "manifest.json").read_text())
-    assert [e["index"] for e in manifest["entries"]] == list(range(len(PROMPTS)))
-    assert (shards / "000001.safetensors").stat().st_mtime_ns == stamp
+    work = two_rank_run["dir"]
+    shards = work / "rec" / "shards"
+    manifest = json.loads((work / "rec" / "manifest.json").read_text())
+    assert [e["index"] for e in manifest["entries"]] == list(range(len(PROMPTS)))  # each prompt exactly once
     assert sorted(p.name for p in shards.iterdir()) == [f"{i:06d}.safetensors" for i in range(len(PROMPTS))]
-    rec = Recording(tmp_path / "rec")
+    for name, data in left.items():  # whatever was under a shard's name was complete, and was kept
+        load_file(shards / name)
+        assert (shards / name).read_bytes() == data
+    assert (shards / "000001.safetensors").stat().st_mtime_ns == two_rank_run["stamp"]  # not recorded twice
+    rec = Recording(work / "rec")
     for i in range(len(PROMPTS)):
         rec.load(i)  # size, tensors, shapes and values checked
     # the shards are byte for byte those of a single-process recording (prompt i always uses seed + i)
-    single = tmp_path / "single"
     kw = dict(model="tiny-random-flux", steps=STEPS, height=SIZE, width=SIZE, dtype="float32", **QUIET)
-    record(pipe, PROMPTS[:2], single, **kw)
+    record(pipe, PROMPTS[:2], tmp_path, **kw)
     for name in ("000000.safetensors", "000001.safetensors"):
-        assert (shards / name).read_bytes() == (single / "shards" / name).read_bytes(), name
-    t2 = time.perf_counter()
+        assert (shards / name).read_bytes() == (tmp_path / "shards" / name).read_bytes(), name
 
-    # 3. train both phases on two ranks (4 training trajectories in minibatches of 3: shares of 2+1, then 1+0)
-    trained = torchrun(["train", "--data", "rec", "--out", "pred", *TRAIN_FLAGS.split()], tmp_path)
+
+def test_two_ranks_train_both_phases_like_one_process(two_rank_run, one_process_run):
+    """4 training trajectories in minibatches of 3: rank shares of 2+1, then 1+0 (an empty share)."""
+    trained = two_rank_run["trained"]
     assert trained.returncode == 0, trained.stderr[-3000:]
-    t3 = time.perf_counter()
-    log = json.loads((tmp_path / "pred" / "training_log.json").read_text())
+    work = two_rank_run["dir"]
+    log = json.loads((work / "pred" / "training_log.json").read_text())
     assert log["world_size"] == 2
     digests = log["replica_digests"]
     assert len(digests) == 2 and digests[0] == digests[1]  # both ranks ended with bit-identical weights
-
-    # 4. the same training in this process, on the same data
-    config = TrainConfig(**TRAIN_CONFIG)
-    one = Trainer(rec, pipe, tmp_path / "pred1", config, **QUIET).run()
-    t4 = time.perf_counter()
-    two = lesa.LESAPredictor.from_pretrained(tmp_path / "pred")
+    two = lesa.LESAPredictor.from_pretrained(work / "pred")
     assert weights_digest(two) == digests[0]
-    diff = max(
-        (a - b).abs().max().item() for a, b in zip(one.state_dict().values(), two.state_dict().values(), strict=True)
-    )
-    log1 = json.loads((tmp_path / "pred1" / "training_log.json").read_text())
-    print(
-        f"2-rank vs 1-process max abs weight difference {diff:.2e}; times: killed record {t1 - t0:.1f} s, resumed "
-        f"record + checks {t2 - t1:.1f} s, 2-rank train {t3 - t2:.1f} s, 1-process train {t4 - t3:.1f} s"
-    )
-    # Gradients are summed over ranks with the loss normalised by the global minibatch, so every update equals the
-    # single-process one up to float summation order (~1e-7 relative); Adam's normalised steps can amplify that
-    # where second moments are tiny. 1e-5 leaves room for that and is still 100x below one lr step (1e-3), so a
-    # missing, unsynchronised or mis-scaled update fails.
-    assert diff < 1e-5
+    one, log1 = one_process_run
+    diff = max_abs_diff(one, two)
+    times = ", ".join(f"{k} {v:.1f} s" for k, v in two_rank_run["times"].items())
+    print(f"2-rank vs 1-process max abs weight difference {diff:.2e}; {times}")
+    assert diff < TOLERANCE
     assert log["seeds"]["0"]["best_at"] == log1["seeds"]["0"]["best_at"]
     for a, b in zip(log["seeds"]["0"]["log"], log1["seeds"]["0"]["log"], strict=True):
         assert (a["phase"], a["epoch"]) == (b["phase"], b["epoch"])
         assert a.get("train_l1", 0) == pytest.approx(b.get("train_l1", 0), rel=1e-5)
         assert a["val"]["mse"] == pytest.approx(b["val"]["mse"], rel=1e-4)
+
+
+def test_two_ranks_resume_a_checkpoint_cut_in_one_process(two_rank_run, one_process_run, pipe, tmp_path, monkeypatch):
+    """A run killed after phase gt (one process) is finished by 2 ranks: rank 0 reads the checkpoint, both resume."""
+    work = two_rank_run["dir"]
+    real_score = Trainer.score
+    calls = []
+
+    def dies_on_fourth(self, predictor):
+        calls.append(1)
+        if len(calls) == 4:  # init, gt 1, gt 2 scored; dies scoring clar 1
+            raise KeyboardInterrupt
+        return real_score(self, predictor)
+
+    monkeypatch.setattr(Trainer, "score", dies_on_fourth)
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(Recording(work / "rec"), pipe, tmp_path / "cut", TrainConfig(**TRAIN_CONFIG), **QUIET).run()
+    monkeypatch.undo()
+    args = ["train", "--data", str(work / "rec"), "--out", "cut", *TRAIN_FLAGS.split()]
+    resumed = torchrun(args, tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from" in resumed.stdout and "after gt epoch 2" in resumed.stdout
+    log = json.loads((tmp_path / "cut" / "training_log.json").read_text())["seeds"]["0"]["log"]
+    assert [(e["phase"], e["epoch"]) for e in log] == [("init", 0), ("gt", 1), ("gt", 2), ("clar", 1)]
+    diff = max_abs_diff(one_process_run[0], lesa.LESAPredictor.from_pretrained(tmp_path / "cut"))
+    print(f"resumed on 2 ranks vs 1-process max abs weight difference {diff:.2e}")
+    assert diff < TOLERANCE
