@@ -438,11 +438,15 @@ def record(
             if exit_after is not None and count >= exit_after:
                 os._exit(17)
         if dist.distributed:
-            # every rank's shards are in; rank 0 lists them all (the ranks' own lists, not a directory scan)
-            finished = distributed.all_gather_objects([(i, seed + i) for i in mine])
+            # every rank's shards are in; rank 0 lists what the ranks report (each stats its own files)
+            mine_entries = [_entry(out_dir, i, prompts[i], seed + i) for i in mine]
+            sigmas = torch.as_tensor(pipe.scheduler.sigmas).float().tolist() if mine else None
+            reports = distributed.all_gather_objects((mine_entries, sigmas))
             if dist.is_main:
-                for i, s in sorted(p for part in finished for p in part):
-                    manifest["entries"].append(_entry(out_dir, i, prompts[i], s))
+                for entries, rank_sigmas in reports:
+                    manifest["entries"].extend(entries)
+                    if rank_sigmas is not None and not manifest.get("sigmas"):
+                        manifest["sigmas"] = rank_sigmas
                 manifest["entries"].sort(key=lambda e: e["index"])
                 _fill_sigmas(out_dir, manifest)
                 atomic_write_text(manifest_path, json.dumps(manifest, indent=1) + "\n")
