@@ -4,8 +4,6 @@ import shutil
 import pytest
 import torch
 from conftest import PROMPTS, SIZE, STEPS
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 
 import lesa.record as record_module
 from lesa.record import Recording, read_prompts, record
@@ -36,7 +34,7 @@ def test_record_resumes_after_a_crash_without_losing_or_duplicating(pipe, tmp_pa
 
     def crash_on_third(*args, **kwargs):
         calls.append(args[1])
-        if len(calls) == 4:  # the probe, then prompts 0 and 1 succeed
+        if len(calls) == 3:  # prompts 0 and 1 succeed
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
@@ -57,16 +55,21 @@ def test_record_resumes_after_a_crash_without_losing_or_duplicating(pipe, tmp_pa
 
 
 def test_a_failed_shard_write_leaves_nothing_that_looks_complete(pipe, tmp_path, monkeypatch):
-    def broken_save(tensors, path, metadata=None):
-        with open(path, "wb") as f:
-            f.write(b"partial")
-        raise OSError("disk full")
+    real_write = record_module.ShardWriter.write
+    calls = []
 
-    monkeypatch.setattr(record_module, "save_file", broken_save)
+    def broken_write(self, name, tensor, row=None):
+        calls.append(name)
+        if len(calls) == 7:  # a few steps are in, then the disk fills up
+            self.file.write(b"partial")
+            raise OSError("disk full")
+        return real_write(self, name, tensor, row)
+
+    monkeypatch.setattr(record_module.ShardWriter, "write", broken_write)
     with pytest.raises(OSError, match="disk full"):
         record(pipe, PROMPTS[:2], tmp_path, **rec_kwargs())
-    assert list((tmp_path / "shards").iterdir()) == []
-    assert not (tmp_path / "manifest.json").exists()
+    assert list((tmp_path / "shards").iterdir()) == []  # not even the temporary file is left
+    assert json.loads((tmp_path / "manifest.json").read_text())["entries"] == []
 
 
 def test_record_refuses_other_settings_and_nan(pipe, tmp_path, monkeypatch):
@@ -75,17 +78,20 @@ def test_record_refuses_other_settings_and_nan(pipe, tmp_path, monkeypatch):
         record(pipe, PROMPTS[:2], tmp_path, **rec_kwargs(steps=12))
     with pytest.raises(ValueError, match="different prompt list"):
         record(pipe, PROMPTS[:3], tmp_path, **rec_kwargs())
-    real = record_module._run_one
+    real = record_module._StreamingRecorder.__call__
 
-    def nan_features(*args, **kwargs):
-        out = real(*args, **kwargs)
-        out["cond.feature"][-1] = float("nan")
-        return out
+    def nan_at_step_7(self, event):
+        if event.step == 7:
+            event.tap = torch.full_like(event.tap, float("nan"))
+        return real(self, event)
 
-    monkeypatch.setattr(record_module, "_run_one", nan_features)
-    with pytest.raises(ValueError, match=r"prompt 0 .* tensor 'cond.feature' holds NaN or inf; nothing was written"):
+    monkeypatch.setattr(record_module._StreamingRecorder, "__call__", nan_at_step_7)
+    with pytest.raises(
+        ValueError, match=r"prompt 0 .* step 7: tensor 'cond.feature' holds NaN or inf; nothing was written"
+    ):
         record(pipe, PROMPTS[:2], tmp_path / "nan", **rec_kwargs())
-    assert not (tmp_path / "nan" / "manifest.json").exists()
+    assert list((tmp_path / "nan" / "shards").iterdir()) == []
+    assert json.loads((tmp_path / "nan" / "manifest.json").read_text())["entries"] == []
 
 
 def test_prompt_file_errors(tmp_path):
@@ -110,11 +116,10 @@ def test_corrupted_recordings_are_named(recording, tmp_path):
     with pytest.raises(FileNotFoundError, match="000001.safetensors listed in .* is missing"):
         Recording(copy).load(1)
     shard.write_bytes(data)
-    tensors = load_file(shard)
-    with safe_open(shard, framework="pt") as f:
-        metadata = f.metadata()
-    tensors["cond.output"][0, 0, 0] = float("inf")
-    save_file(tensors, shard, metadata=metadata)  # same size as before: only the values are bad
+    header_len = int.from_bytes(data[:8], "little")
+    start = json.loads(data[8 : 8 + header_len])["cond.output"]["data_offsets"][0] + 8 + header_len
+    inf = torch.tensor([float("inf")], dtype=torch.float32).view(torch.uint8).numpy().tobytes()
+    shard.write_bytes(data[:start] + inf + data[start + 4 :])  # same size as before: only a value is bad
     with pytest.raises(ValueError, match="'cond.output' holds NaN or inf"):
         Recording(copy).load(1)
     (copy / "manifest.json").write_text('{"format_version": 1, "settings"')

@@ -134,11 +134,13 @@ def _floats(text: str, name: str) -> tuple[float, ...]:
 
 
 def _record(args) -> int:
+    from .distributed import init_distributed
     from .models import load_pipeline, model_label
     from .record import read_prompts, record
 
     prompts = read_prompts(args.prompts)
-    pipe = load_pipeline(args.model, args.device, args.dtype)
+    dist = init_distributed(args.device)  # under torchrun: join the group; alone: nothing happens
+    pipe = load_pipeline(args.model, dist.device, args.dtype)
     result = record(
         pipe,
         prompts,
@@ -153,13 +155,15 @@ def _record(args) -> int:
         negative_prompt=args.negative_prompt,
         true_cfg_scale=args.true_cfg_scale,
     )
-    print(f"recorded {result.recorded} prompt(s) ({result.skipped} already done): {result.manifest}")
+    if dist.is_main:
+        print(f"recorded {result.recorded} prompt(s) ({result.skipped} already done): {result.manifest}")
     return 0
 
 
 def _train(args) -> int:
     import shutil
 
+    from .distributed import init_distributed
     from .models import load_pipeline
     from .record import Recording
     from .train import TrainConfig, Trainer
@@ -185,8 +189,9 @@ def _train(args) -> int:
         gain=args.gain,
     )
     model = args.model or rec.settings["model"]
-    pipe = load_pipeline(model, args.device, args.dtype)
-    if args.restart:
+    dist = init_distributed(args.device)  # under torchrun: join the group; alone: nothing happens
+    pipe = load_pipeline(model, dist.device, args.dtype)
+    if args.restart and dist.is_main:  # only rank 0 reads checkpoints
         shutil.rmtree(Path(args.out) / "checkpoints", ignore_errors=True)
     Trainer(rec, pipe, args.out, config).run()
     return 0
@@ -294,8 +299,13 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, OSError, RuntimeError) as e:
         if os.environ.get("LESA_DEBUG"):
             raise
-        print(f"lesa {args.command}: error: {e}", file=sys.stderr)
+        rank = os.environ.get("RANK") if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
+        print(f"lesa {args.command}{f' (rank {rank})' if rank else ''}: error: {e}", file=sys.stderr)
         return 2
+    finally:
+        from .distributed import shutdown
+
+        shutdown()
 
 
 if __name__ == "__main__":

@@ -2,25 +2,34 @@
 
 A shard holds the initial noise (the transformer's latent input at step 0, exact dtype), the final latent (fp32), the
 sigma schedule and, per cache context, every step's tapped feature and transformer output (in the record dtype).
-Shards and the manifest are written atomically and the manifest lists only finished shards, so a killed run
-restarts where it stopped.
+
+Shards are streamed to disk: the shard's layout is known from a one-step probe, so each step's tensors go straight
+into a pre-sized temporary file at their final offsets (RAM holds one step, not a whole trajectory) and the file is
+renamed to its final name only once every step is in. A file under a shard's name is therefore always complete.
+
+Under `torchrun` the prompts still to do are split across ranks; every rank writes its own shards and rank 0 writes
+the merged manifest after a barrier. A killed run (one process or many, any number of ranks) restarts where it
+stopped: a shard on disk counts as done even when the manifest did not list it yet.
 """
 
 from __future__ import annotations
 
+import errno
 import inspect
 import json
+import os
+import re
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from . import disable, enable
+from . import disable, distributed, enable
 from .config import NoCacheConfig
 from .io import atomic_path, atomic_write_text
 from .runtime import StepEvent, get_runtime
@@ -41,6 +50,20 @@ _SETTINGS = (
     "negative_prompt",
     "true_cfg_scale",
 )
+# Test hook: "RANK:K" makes rank RANK exit abruptly (no clean-up) after it wrote K shards, as a killed job would.
+EXIT_AFTER_ENV = "LESA_TEST_RECORD_EXIT_AFTER"
+_SHARD_NAME = re.compile(r"^(\d{6})\.safetensors$")
+_ST_DTYPES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.uint8: "U8",
+}
+
+Layout = dict[str, tuple[torch.dtype, tuple[int, ...]]]
 
 
 def read_prompts(path: str | Path) -> list[str]:
@@ -54,20 +77,122 @@ def read_prompts(path: str | Path) -> list[str]:
     return prompts
 
 
-class _Recorder:
-    """Observer that keeps one generation's per-step tensors."""
+class ShardWriter:
+    """Writes one safetensors file piece by piece: header and size fixed up front, each piece at its final offset.
+
+    `layout` maps tensor names to (dtype, shape); per-step tensors are written one row (dim 0 index) at a time.
+    `close()` refuses a file with any row missing, so an incomplete shard never gets past the caller's rename.
+    """
+
+    def __init__(self, path: Path, layout: Layout, metadata: dict[str, str]) -> None:
+        if sys.byteorder != "little":
+            raise RuntimeError("safetensors shards are little-endian; this machine is big-endian")
+        self.layout = layout
+        entries: dict[str, Any] = {"__metadata__": metadata}
+        self.offsets: dict[str, int] = {}
+        self.rows: dict[str, int] = {}
+        offset = 0
+        for name, (dtype, shape) in layout.items():
+            if dtype not in _ST_DTYPES:
+                raise ValueError(f"tensor {name!r}: dtype {dtype} cannot be stored")
+            nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+            entries[name] = {
+                "dtype": _ST_DTYPES[dtype],
+                "shape": list(shape),
+                "data_offsets": [offset, offset + nbytes],
+            }
+            self.offsets[name] = offset
+            self.rows[name] = shape[0] if shape else 1
+            offset += nbytes
+        header = json.dumps(entries, separators=(",", ":")).encode()
+        header += b" " * (-len(header) % 8)
+        self.data_start = 8 + len(header)
+        self.size = self.data_start + offset
+        self.missing = {name: set(range(rows)) for name, rows in self.rows.items()}
+        self.file = open(path, "r+b")  # noqa: SIM115 - closed in close()
+        try:
+            self._presize()
+            self.file.write(len(header).to_bytes(8, "little") + header)
+        except BaseException:
+            self.file.close()
+            raise
+
+    def _presize(self) -> None:
+        try:
+            os.posix_fallocate(self.file.fileno(), 0, self.size)  # reserve the space now: a full disk fails early
+        except OSError as e:
+            if e.errno == errno.ENOSPC:
+                raise OSError(errno.ENOSPC, f"no space left for a {self.size / 2**20:.1f} MiB shard") from e
+            self.file.truncate(self.size)  # file systems without fallocate
+        except AttributeError:  # no posix_fallocate on this platform
+            self.file.truncate(self.size)
+
+    def write(self, name: str, tensor: torch.Tensor, row: int | None = None) -> None:
+        """Write tensor `name` whole, or its row `row` (tensor then has the shape without the leading dim)."""
+        dtype, shape = self.layout[name]
+        expected = tuple(shape[1:]) if row is not None else tuple(shape)
+        if tensor.dtype != dtype or tuple(tensor.shape) != expected:
+            raise ValueError(
+                f"tensor {name!r}{f' step {row}' if row is not None else ''} is {tensor.dtype} {tuple(tensor.shape)}, "
+                f"the shard's layout expects {dtype} {expected}"
+            )
+        data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+        self.file.seek(self.data_start + self.offsets[name] + (row or 0) * data.nbytes)
+        self.file.write(data)
+        if row is None:
+            self.missing[name].clear()
+        else:
+            self.missing[name].discard(row)
+
+    def close(self) -> None:
+        """Flush and close; a RuntimeError names the first tensor with rows never written."""
+        self.file.close()
+        for name, rows in self.missing.items():
+            if rows:
+                raise RuntimeError(f"tensor {name!r} of the shard is missing row(s) {sorted(rows)[:8]}")
+
+    def abort(self) -> None:
+        self.file.close()
+
+
+def _check_finite(tensor: torch.Tensor, name: str, where: str) -> None:
+    if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+        raise ValueError(f"{where}: tensor {name!r} holds NaN or inf; nothing was written for it")
+
+
+class _StreamingRecorder:
+    """Observer that writes each step's tap and output straight into a shard (nothing kept in RAM)."""
+
+    def __init__(self, writer: ShardWriter, dtype: torch.dtype, where: str) -> None:
+        self.writer = writer
+        self.dtype = dtype
+        self.where = where
+        self.noise_written = False
+
+    def __call__(self, event: StepEvent) -> None:
+        if not self.noise_written:
+            self.writer.write("noise", event.latents.detach()[0])
+            self.noise_written = True
+        for kind, tensor in (("feature", event.tap), ("output", event.output)):
+            name = f"{event.context}.{kind}"
+            piece = tensor.detach()[0].to("cpu", self.dtype)
+            _check_finite(piece, name, f"{self.where} step {event.step}")
+            if name not in self.writer.layout:
+                raise RuntimeError(f"{self.where}: context {event.context!r} did not appear in the probe run")
+            self.writer.write(name, piece, row=event.step)
+
+
+class _ShapeProbe:
+    """Observer that notes the shapes and dtypes a run produces (for the shard layout)."""
 
     def __init__(self, dtype: torch.dtype) -> None:
         self.dtype = dtype
-        self.noise: torch.Tensor | None = None
-        self.features: dict[str, dict[int, torch.Tensor]] = {}
-        self.outputs: dict[str, dict[int, torch.Tensor]] = {}
+        self.layout: Layout = {}
 
     def __call__(self, event: StepEvent) -> None:
-        if self.noise is None:
-            self.noise = event.latents.detach()[0].cpu().clone()
-        self.features.setdefault(event.context, {})[event.step] = event.tap.detach()[0].to("cpu", self.dtype)
-        self.outputs.setdefault(event.context, {})[event.step] = event.output.detach()[0].to("cpu", self.dtype)
+        self.layout.setdefault("noise", (event.latents.dtype, tuple(event.latents.shape[1:])))
+        self.layout[f"{event.context}.feature"] = (self.dtype, tuple(event.tap.shape[1:]))
+        self.layout[f"{event.context}.output"] = (self.dtype, tuple(event.output.shape[1:]))
 
 
 def call_kwargs(settings: dict[str, Any], pipe) -> dict[str, Any]:
@@ -84,42 +209,66 @@ def call_kwargs(settings: dict[str, Any], pipe) -> dict[str, Any]:
     return kwargs
 
 
-def _check_finite(tensors: dict[str, torch.Tensor], where: str) -> None:
-    for name, t in tensors.items():
-        if t.is_floating_point() and not torch.isfinite(t).all():
-            raise ValueError(f"{where}: tensor {name!r} holds NaN or inf; nothing was written for it")
-
-
-def _run_one(pipe, prompt: str, seed: int, settings: dict, dtype: torch.dtype, device: str) -> dict[str, torch.Tensor]:
+def _generate(pipe, prompt: str, seed: int, settings: dict, device: str, observer) -> torch.Tensor:
     runtime = get_runtime(pipe.transformer)
-    recorder = _Recorder(dtype)
-    runtime.observers.append(recorder)
+    runtime.observers.append(observer)
     try:
         generator = torch.Generator(device).manual_seed(seed)
-        final = pipe(prompt=prompt, generator=generator, **call_kwargs(settings, pipe)).images
+        return pipe(prompt=prompt, generator=generator, **call_kwargs(settings, pipe)).images
     finally:
-        runtime.observers.remove(recorder)
+        runtime.observers.remove(observer)
+
+
+def probe_layout(pipe, prompt: str, settings: dict, dtype: torch.dtype, device: str) -> Layout:
+    """The shard layout of a full recording, measured from a one-step run (per-step tensors get a leading
+    `steps` dimension; the sigma schedule keeps the pipeline's extra terminal value)."""
     steps = settings["steps"]
-    tensors = {
-        "noise": recorder.noise.contiguous(),
-        "final": final.detach()[0].float().cpu().contiguous(),
-        "sigmas": torch.as_tensor(pipe.scheduler.sigmas).detach().float().cpu().contiguous(),
-    }
-    for ctx, per_step in recorder.features.items():
-        if sorted(per_step) != list(range(steps)):
-            raise RuntimeError(f"context {ctx!r} recorded steps {sorted(per_step)}, expected 0..{steps - 1}")
-        tensors[f"{ctx}.feature"] = torch.stack([per_step[s] for s in range(steps)]).contiguous()
-        tensors[f"{ctx}.output"] = torch.stack([recorder.outputs[ctx][s] for s in range(steps)]).contiguous()
-    return tensors
+    probe = _ShapeProbe(dtype)
+    final = _generate(pipe, prompt, settings["seed"], dict(settings, steps=1), device, probe)
+    n_sigmas = len(pipe.scheduler.sigmas) - 1 + steps
+    layout: Layout = {"noise": probe.layout.pop("noise"), "final": (torch.float32, tuple(final.shape[1:]))}
+    layout["sigmas"] = (torch.float32, (n_sigmas,))
+    for name in sorted(probe.layout):
+        dt, shape = probe.layout[name]
+        layout[name] = (dt, (steps, *shape))
+    return layout
 
 
-def _probe_bytes(pipe, prompt: str, settings: dict, dtype: torch.dtype, device: str) -> int:
-    """Bytes of one shard, measured from a one-step run's shapes (scaled to the full step count)."""
-    probe = dict(settings, steps=1)
-    tensors = _run_one(pipe, prompt, settings["seed"], probe, dtype, device)
-    per_step = sum(t.numel() * t.element_size() for k, t in tensors.items() if "." in k)
-    fixed = sum(t.numel() * t.element_size() for k, t in tensors.items() if "." not in k)
-    return per_step * settings["steps"] + fixed + 4 * settings["steps"]
+def layout_bytes(layout: Layout) -> int:
+    return sum(torch.Size(s).numel() * torch.empty((), dtype=d).element_size() for d, s in layout.values())
+
+
+def _run_one(
+    pipe,
+    prompt: str,
+    seed: int,
+    settings: dict,
+    layout: Layout,
+    dtype: torch.dtype,
+    device: str,
+    target: Path,
+    where: str,
+) -> None:
+    """Record one prompt into the shard `target`, streamed through a temporary file renamed only when complete."""
+    with atomic_path(target) as tmp:
+        writer = ShardWriter(tmp, layout, {"prompt": prompt, "seed": str(seed)})
+        try:
+            recorder = _StreamingRecorder(writer, dtype, where)
+            final = _generate(pipe, prompt, seed, settings, device, recorder)
+            final = final.detach()[0].float().cpu()
+            _check_finite(final, "final", where)
+            writer.write("final", final)
+            sigmas = torch.as_tensor(pipe.scheduler.sigmas).detach().float().cpu()
+            if tuple(sigmas.shape) != layout["sigmas"][1]:
+                raise RuntimeError(
+                    f"{where}: the scheduler returned {sigmas.numel()} sigmas, the probe run predicted "
+                    f"{layout['sigmas'][1][0]}"
+                )
+            writer.write("sigmas", sigmas)
+        except BaseException:
+            writer.abort()
+            raise
+        writer.close()
 
 
 @dataclass
@@ -127,6 +276,89 @@ class RecordResult:
     manifest: Path
     recorded: int
     skipped: int
+
+
+def _shard_name(index: int) -> str:
+    return f"{SHARD_DIR}/{index:06d}.safetensors"
+
+
+def _entry(out_dir: Path, index: int, prompt: str, seed: int) -> dict[str, Any]:
+    name = _shard_name(index)
+    return {"index": index, "prompt": prompt, "seed": seed, "file": name, "bytes": (out_dir / name).stat().st_size}
+
+
+def _adopt_finished_shards(out_dir: Path, manifest: dict, seed: int, log) -> None:
+    """Add shards that are on disk but not in the manifest (a killed multi-process run), after checking their
+    prompt and seed; remove temporary files of shards that were being written when a process died."""
+    shard_dir = out_dir / SHARD_DIR
+    if not shard_dir.is_dir():
+        return
+    for stale in shard_dir.glob(".*.tmp"):
+        stale.unlink(missing_ok=True)
+    listed = {e["index"] for e in manifest["entries"]}
+    prompts = manifest["prompts"]
+    adopted = 0
+    for path in sorted(shard_dir.iterdir()):
+        match = _SHARD_NAME.match(path.name)
+        if not match or int(match.group(1)) in listed:
+            continue
+        index = int(match.group(1))
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+        except Exception as e:  # safetensors raises several types for damaged files
+            raise ValueError(f"{path} is not a readable shard ({e}); remove it to record it again") from e
+        if index >= len(prompts) or meta.get("prompt") != prompts[index] or meta.get("seed") != str(seed + index):
+            raise ValueError(f"{path} belongs to another recording (prompt or seed differ); use another --out")
+        manifest["entries"].append(_entry(out_dir, index, prompts[index], seed + index))
+        adopted += 1
+    manifest["entries"].sort(key=lambda e: e["index"])
+    if adopted:
+        log(f"lesa record: {adopted} finished shard(s) found on disk that the manifest did not list yet")
+
+
+def _plan(
+    pipe, prompts: list[str], out_dir: Path, settings: dict, record_dtype: torch.dtype, device: str, log
+) -> tuple[dict, Layout | None]:
+    """Rank 0's part: check or start the manifest, find what is done, probe the shard layout and the disk."""
+    manifest_path = out_dir / MANIFEST
+    if manifest_path.exists():
+        manifest = load_manifest(out_dir)
+        for key in _SETTINGS:
+            if manifest["settings"].get(key) != settings[key]:
+                raise ValueError(
+                    f"{manifest_path} was recorded with {key}={manifest['settings'].get(key)!r}, this run asks for "
+                    f"{settings[key]!r}; record into another --out directory"
+                )
+        if manifest["prompts"] != prompts:
+            raise ValueError(f"{manifest_path} was recorded for a different prompt list; use another --out directory")
+    else:
+        manifest = {"format_version": FORMAT_VERSION, "settings": settings, "prompts": prompts, "entries": []}
+    _adopt_finished_shards(out_dir, manifest, settings["seed"], log)
+    _fill_sigmas(out_dir, manifest)
+    done = {e["index"] for e in manifest["entries"]}
+    todo = [i for i in range(len(prompts)) if i not in done]
+    layout = None
+    if todo:
+        layout = probe_layout(pipe, prompts[todo[0]], settings, record_dtype, device)
+        shard_bytes = layout_bytes(layout)
+        total = shard_bytes * len(todo)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(out_dir).free
+        log(
+            f"lesa record: {len(todo)} prompt(s) to record ({len(done)} already done), about "
+            f"{shard_bytes / 2**20:.1f} MiB per prompt in {settings['dtype']}, {total / 2**30:.2f} GiB in all; "
+            f"{free / 2**30:.1f} GiB free in {out_dir}"
+        )
+        if total > free:
+            raise OSError(
+                f"not enough disk in {out_dir}: need about {total / 2**30:.2f} GiB, {free / 2**30:.2f} GiB free"
+            )
+        manifest.setdefault("contexts", sorted(k.split(".")[0] for k in layout if k.endswith(".feature")))
+        manifest.setdefault("shapes", {k: list(s) for k, (_, s) in layout.items() if k != "sigmas"})
+    # written before any shard, so a resumed run can always check its settings against it
+    atomic_write_text(manifest_path, json.dumps(manifest, indent=1) + "\n")
+    return manifest, layout
 
 
 def record(
@@ -146,7 +378,11 @@ def record(
     progress: bool = True,
     log=print,
 ) -> RecordResult:
-    """Record every prompt's trajectory into `out_dir` (resuming a previous run of the same settings)."""
+    """Record every prompt's trajectory into `out_dir` (resuming a previous run of the same settings).
+
+    Under `torchrun` (process group initialised, e.g. by `lesa.distributed.init_distributed`) every rank calls this
+    with the same arguments: each records its share of the prompts still to do and rank 0 writes the manifest.
+    """
     if not prompts:
         raise ValueError("no prompts to record")
     record_dtype = getattr(torch, dtype, None)
@@ -154,6 +390,9 @@ def record(
         raise ValueError(f"--dtype {dtype!r} is not a floating-point torch dtype (e.g. bfloat16, float16, float32)")
     out_dir = Path(out_dir)
     device = str(pipe.transformer.device)
+    dist = distributed.current()
+    if not dist.is_main:
+        log = _quiet
     settings = {
         "model": model,
         "model_class": type(pipe.transformer).__name__,
@@ -167,61 +406,74 @@ def record(
         "true_cfg_scale": true_cfg_scale,
     }
     manifest_path = out_dir / MANIFEST
-    if manifest_path.exists():
-        manifest = load_manifest(out_dir)
-        for key in _SETTINGS:
-            if manifest["settings"].get(key) != settings[key]:
-                raise ValueError(
-                    f"{manifest_path} was recorded with {key}={manifest['settings'].get(key)!r}, this run asks for "
-                    f"{settings[key]!r}; record into another --out directory"
-                )
-        if manifest["prompts"] != prompts:
-            raise ValueError(f"{manifest_path} was recorded for a different prompt list; use another --out directory")
-    else:
-        manifest = {"format_version": FORMAT_VERSION, "settings": settings, "prompts": prompts, "entries": []}
-    done = {e["index"] for e in manifest["entries"]}
-    todo = [i for i in range(len(prompts)) if i not in done]
-
     enable(pipe, NoCacheConfig(count_flops=False))
     try:
-        if todo:
-            shard_bytes = _probe_bytes(pipe, prompts[todo[0]], settings, record_dtype, device)
-            total = shard_bytes * len(todo)
-            out_dir.mkdir(parents=True, exist_ok=True)
-            free = shutil.disk_usage(out_dir).free
-            log(
-                f"lesa record: {len(todo)} prompt(s) to record ({len(done)} already done), about "
-                f"{shard_bytes / 2**20:.1f} MiB per prompt in {dtype}, {total / 2**30:.2f} GiB in all; "
-                f"{free / 2**30:.1f} GiB free in {out_dir}"
-            )
-            if total > free:
-                raise OSError(
-                    f"not enough disk in {out_dir}: need about {total / 2**30:.2f} GiB, {free / 2**30:.2f} GiB free"
-                )
-        for index in tqdm(todo, desc="record", unit="prompt", disable=not progress):
+        plan = distributed.on_main(lambda: _plan(pipe, prompts, out_dir, settings, record_dtype, device, log))
+        manifest, layout = plan
+        done = {e["index"] for e in manifest["entries"]}
+        todo = [i for i in range(len(prompts)) if i not in done]
+        mine = todo[dist.rank :: dist.world_size]
+        exit_after = _exit_hook(dist.rank)
+        for count, index in enumerate(
+            tqdm(mine, desc="record", unit="prompt", disable=not (progress and dist.is_main)), 1
+        ):
             prompt_seed = seed + index
-            tensors = _run_one(pipe, prompts[index], prompt_seed, settings, record_dtype, device)
-            _check_finite(tensors, f"prompt {index} ({prompts[index]!r})")
-            manifest.setdefault("sigmas", tensors["sigmas"].tolist())
-            manifest.setdefault("contexts", sorted(k.split(".")[0] for k in tensors if k.endswith(".feature")))
-            manifest.setdefault("shapes", {k: list(t.shape) for k, t in tensors.items() if k != "sigmas"})
-            name = f"{SHARD_DIR}/{index:06d}.safetensors"
-            with atomic_path(out_dir / name) as tmp:
-                save_file(tensors, str(tmp), metadata={"prompt": prompts[index], "seed": str(prompt_seed)})
-            manifest["entries"].append(
-                {
-                    "index": index,
-                    "prompt": prompts[index],
-                    "seed": prompt_seed,
-                    "file": name,
-                    "bytes": (out_dir / name).stat().st_size,
-                }
+            where = f"prompt {index} ({prompts[index]!r})"
+            _run_one(
+                pipe,
+                prompts[index],
+                prompt_seed,
+                settings,
+                layout,
+                record_dtype,
+                device,
+                out_dir / _shard_name(index),
+                where,
             )
-            manifest["entries"].sort(key=lambda e: e["index"])
-            atomic_write_text(manifest_path, json.dumps(manifest, indent=1) + "\n")
+            if dist.world_size == 1:  # one process: the manifest follows every shard
+                manifest["entries"].append(_entry(out_dir, index, prompts[index], prompt_seed))
+                manifest["entries"].sort(key=lambda e: e["index"])
+                _fill_sigmas(out_dir, manifest)
+                atomic_write_text(manifest_path, json.dumps(manifest, indent=1) + "\n")
+            if exit_after is not None and count >= exit_after:
+                os._exit(17)
+        if dist.distributed:
+            # every rank's shards are in; rank 0 lists what the ranks report (each stats its own files)
+            mine_entries = [_entry(out_dir, i, prompts[i], seed + i) for i in mine]
+            sigmas = torch.as_tensor(pipe.scheduler.sigmas).float().tolist() if mine else None
+            reports = distributed.all_gather_objects((mine_entries, sigmas))
+            if dist.is_main:
+                for entries, rank_sigmas in reports:
+                    manifest["entries"].extend(entries)
+                    if rank_sigmas is not None and not manifest.get("sigmas"):
+                        manifest["sigmas"] = rank_sigmas
+                manifest["entries"].sort(key=lambda e: e["index"])
+                _fill_sigmas(out_dir, manifest)
+                atomic_write_text(manifest_path, json.dumps(manifest, indent=1) + "\n")
+            distributed.barrier()  # no rank returns before the merged manifest is on disk
     finally:
         disable(pipe)
     return RecordResult(manifest_path, len(todo), len(done))
+
+
+def _quiet(*_args, **_kwargs) -> None:
+    pass
+
+
+def _exit_hook(rank: int) -> int | None:
+    spec = os.environ.get(EXIT_AFTER_ENV)
+    if not spec:
+        return None
+    target, _, count = spec.partition(":")
+    return int(count) if int(target) == rank else None
+
+
+def _fill_sigmas(out_dir: Path, manifest: dict) -> None:
+    """The manifest's copy of the sigma schedule, read from the first shard once there is one."""
+    if manifest.get("sigmas") or not manifest["entries"]:
+        return
+    with safe_open(str(out_dir / manifest["entries"][0]["file"]), framework="pt") as f:
+        manifest["sigmas"] = f.get_tensor("sigmas").tolist()
 
 
 def load_manifest(data_dir: str | Path) -> dict:
@@ -279,5 +531,6 @@ class Recording:
                 raise ValueError(f"shard {path} is corrupted: tensor {key!r} is missing")
             if list(tensors[key].shape) != shape:
                 raise ValueError(f"shard {path}: tensor {key!r} has shape {list(tensors[key].shape)}, expected {shape}")
-        _check_finite(tensors, f"shard {path}")
+        for name, tensor in tensors.items():
+            _check_finite(tensor, name, f"shard {path}")
         return tensors

@@ -4,10 +4,17 @@ Every epoch is scored by the closed-loop error of the final latent on a held-out
 recorded noise, the predictor's own forecasts fed back), and the best-scoring weights are kept: the last epoch is
 often not the best. Each phase has its own learning-rate schedule (cosine from its own peak to `lr_min`).
 Checkpoints after every epoch make a killed run resume where it stopped.
+
+Under `torchrun` every rank runs the same `Trainer`: each minibatch (the global batch) is split across ranks, each
+rank loads / rolls out only its share, and gradients are summed over ranks before every update (phase gt through
+DistributedDataParallel, phase clar through an explicit all-reduce after backward), so an update equals the
+single-process update on the whole minibatch up to float reduction order. Held-out scoring is sharded and reduced;
+rank 0 alone reads and writes checkpoints and the predictor.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import random
@@ -16,9 +23,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from . import disable, enable
+from . import disable, distributed, enable
 from .adapters import get_adapter
 from .config import CacheConfig, FORAConfig, LESAConfig, TaylorSeerConfig
 from .io import atomic_path, atomic_write_text
@@ -106,8 +114,9 @@ class Trainer:
         self.pipe = pipe
         self.out = Path(out_dir)
         self.cfg = config
-        self.log = log
-        self.progress = progress
+        self.dist = distributed.current()
+        self.log = log if self.dist.is_main else _quiet
+        self.progress = progress and self.dist.is_main
         self.settings = recording.settings
         self.num_steps = self.settings["steps"]
         self.schedule = StepSchedule(config.interval, config.warmup)
@@ -152,20 +161,58 @@ class Trainer:
         )
         return LESAPredictor(config).to(self.device)
 
-    def _update(self, predictor, optimizer, state: dict, loss: torch.Tensor, peak: float, total: int) -> float:
-        value = loss.detach().item()
-        if not math.isfinite(value):  # divergence guard: never let a NaN update reach the weights
+    def _update(
+        self,
+        predictor: LESAPredictor,
+        optimizer: torch.optim.Optimizer,
+        state: dict,
+        loss_sum: torch.Tensor | None,
+        count: int,
+        peak: float,
+        total: int,
+        ddp: bool = False,
+    ) -> float:
+        """One update from this rank's summed L1 error `loss_sum` (None: this rank has no data in the minibatch) over
+        a minibatch of `count` elements on all ranks together. Returns the minibatch's mean L1 (equal on all ranks).
+
+        Gradients are summed over ranks: with `ddp` by DistributedDataParallel during backward (it averages, so the
+        loss carries the world size), otherwise by an explicit all-reduce after backward.
+        """
+        local = loss_sum.detach().double().reshape(1) if loss_sum is not None else torch.zeros(1, dtype=torch.float64)
+        value = float(distributed.all_reduce_sum(local)[0]) / count
+        scale = (self.dist.world_size if ddp else 1) / count
+        optimizer.zero_grad(set_to_none=True)
+        if not math.isfinite(value):  # divergence guard: never let a NaN update reach the weights (all ranks agree)
             state["skipped"] = state.get("skipped", 0) + 1
-            optimizer.zero_grad(set_to_none=True)
+            if ddp and loss_sum is not None:
+                (loss_sum * scale).backward()  # DDP expects the backward of its forward; the gradients are dropped
+                optimizer.zero_grad(set_to_none=True)
             return value
         for group in optimizer.param_groups:
             group["lr"] = cosine_lr(peak, self.cfg.lr_min, state["t"], total)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        if loss_sum is not None:
+            (loss_sum * scale).backward()
+        if not ddp:
+            distributed.all_reduce_gradients(predictor)
         torch.nn.utils.clip_grad_norm_(predictor.parameters(), self.cfg.grad_clip)
         optimizer.step()
         state["t"] += 1
         return value
+
+    def _share(self, batch: list[int]) -> list[int]:
+        """This rank's part of a minibatch (the whole minibatch in one process)."""
+        return batch[self.dist.rank :: self.dist.world_size]
+
+    def _elements(self, key: str) -> int:
+        """Elements of one trajectory's `key` tensor at one step."""
+        return math.prod(self.rec.shapes[key][1:])
+
+    def _stack(self, data: list[dict[str, torch.Tensor]], key: str) -> torch.Tensor:
+        """(steps, batch, ...) float32 on the device; an empty batch gives a zero-size tensor of the right shape."""
+        if not data:
+            steps, *shape = self.rec.shapes[key]
+            return torch.zeros((steps, 0, *shape), device=self.device)
+        return torch.stack([d[key] for d in data], 1).to(self.device, torch.float32)
 
     def _batches(self, indices: list[int], seed: int) -> list[list[int]]:
         order = list(indices)
@@ -182,30 +229,45 @@ class Trainer:
         """Teacher forcing: the history always holds recorded features; no transformer call."""
         losses = []
         history = self.cfg.history
+        ddp = self.dist.distributed
+        # every forecast uses one expert of one context: the other parameters get no gradient in that update
+        model = (
+            DistributedDataParallel(predictor, find_unused_parameters=True, forward_sync_buffers=False)
+            if ddp
+            else predictor
+        )
         for batch in tqdm(self._batches(self.train_idx, epoch_seed), desc=desc, disable=not self.progress, leave=False):
-            data = [self.rec.load(i) for i in batch]
+            data = [self.rec.load(i) for i in self._share(batch)]
             for ctx in self.rec.contexts:
-                feats = torch.stack([d[f"{ctx}.feature"] for d in data], 1).to(self.device, torch.float32)
+                key = f"{ctx}.feature"
+                feats = self._stack(data, key)
+                count = len(batch) * self._elements(key)
                 for s in self.cached_steps:
                     past = [feats[j] for j in range(max(0, s - history), s)]
-                    pred = predictor.forecast(past, ctx, s, self.sigmas)
-                    loss = (pred - feats[s]).abs().mean()
-                    losses.append(self._update(predictor, optimizer, state, loss, self.cfg.lr_gt, total))
+                    pred = model(past, ctx, s, self.sigmas)
+                    loss_sum = (pred - feats[s]).abs().sum()
+                    losses.append(
+                        self._update(predictor, optimizer, state, loss_sum, count, self.cfg.lr_gt, total, ddp=ddp)
+                    )
         return sum(losses) / len(losses)
 
     def clar_epoch(self, predictor, optimizer, state, epoch_seed: int, total: int, desc: str) -> float:
-        """Closed loop: the real sampler from the recorded noise; forecasts feed back; loss vs the recording."""
+        """Closed loop: the real sampler from the recorded noise; forecasts feed back; loss vs the recording.
+
+        Each rank rolls out its share of the minibatch; a rank with no share still takes part in every update."""
         losses: list[float] = []
         targets: dict[str, torch.Tensor] = {}
         key = "feature" if self.cfg.target == "feature" else "output"
+        batch_size = 0
 
         def observer(event: StepEvent) -> None:
             if event.full:
                 return
             pred = event.tap if key == "feature" else event.output
             target = targets[event.context][event.step].to(pred.device)
-            loss = (pred.float() - target).abs().mean()
-            losses.append(self._update(predictor, optimizer, state, loss, self.cfg.lr_clar, total))
+            loss_sum = (pred.float() - target).abs().sum()
+            count = batch_size * self._elements(f"{event.context}.{key}")
+            losses.append(self._update(predictor, optimizer, state, loss_sum, count, self.cfg.lr_clar, total))
 
         config = LESAConfig(predictor=predictor, differentiable=True, count_flops=False)
         transformer = self.pipe.transformer
@@ -213,14 +275,28 @@ class Trainer:
         transformer.requires_grad_(False)
         enable(self.pipe, config)
         get_runtime(transformer).observers.append(observer)
+        updates = len(self.cached_steps) * len(self.rec.contexts)
         try:
             for batch in tqdm(
                 self._batches(self.train_idx, epoch_seed), desc=desc, disable=not self.progress, leave=False
             ):
-                data = [self.rec.load(i) for i in batch]
-                for ctx in self.rec.contexts:
-                    targets[ctx] = torch.stack([d[f"{ctx}.{key}"] for d in data], 1).float()
-                self._run(batch, data)
+                share = self._share(batch)
+                batch_size = len(batch)
+                before = len(losses)
+                if share:
+                    data = [self.rec.load(i) for i in share]
+                    for ctx in self.rec.contexts:
+                        targets[ctx] = torch.stack([d[f"{ctx}.{key}"] for d in data], 1).float()
+                    self._run(share, data)
+                    if len(losses) - before != updates:
+                        raise RuntimeError(
+                            f"a closed-loop rollout made {len(losses) - before} updates, expected {updates} "
+                            f"({len(self.cached_steps)} cached steps x {len(self.rec.contexts)} contexts)"
+                        )
+                else:  # nothing to roll out here: join the other ranks' gradient sums with no contribution
+                    count = batch_size * self._elements(f"{self.rec.contexts[0]}.{key}")  # only scales the logged loss
+                    for _ in range(updates):
+                        losses.append(self._update(predictor, optimizer, state, None, count, self.cfg.lr_clar, total))
         finally:
             disable(self.pipe)
             for p, g in zip(transformer.parameters(), grads, strict=True):
@@ -235,20 +311,21 @@ class Trainer:
     # -- validation --------------------------------------------------------------------------------------------------
     @torch.no_grad()
     def closed_loop_error(self, config: CacheConfig, indices: list[int] | None = None) -> dict[str, float]:
-        """Mean MSE and PSNR of the final latent against the recording, running the pipeline with `config`."""
+        """Mean MSE and PSNR of the final latent against the recording, running the pipeline with `config`
+        (each rank runs its share of `indices`; the means are over all of them and equal on every rank)."""
         indices = self.val_idx if indices is None else indices
-        mses, psnrs = [], []
+        sums = torch.zeros(3, dtype=torch.float64)  # MSE, PSNR, count
         enable(self.pipe, config)
         try:
-            for batch in self._batches(indices, 0):
+            for batch in self._batches(self._share(indices), 0):
                 data = [self.rec.load(i) for i in batch]
                 final = self._run(batch, data).float().cpu()
                 for out, d in zip(final, data, strict=True):
-                    mses.append(float(((out - d["final"]) ** 2).mean()))
-                    psnrs.append(latent_psnr(out, d["final"]))
+                    sums += torch.tensor([float(((out - d["final"]) ** 2).mean()), latent_psnr(out, d["final"]), 1.0])
         finally:
             disable(self.pipe)
-        return {"mse": sum(mses) / len(mses), "psnr": sum(psnrs) / len(psnrs)}
+        mse, psnr, n = distributed.all_reduce_sum(sums).tolist()
+        return {"mse": mse / n, "psnr": psnr / n}
 
     def score(self, predictor: LESAPredictor) -> dict[str, float]:
         return self.closed_loop_error(LESAConfig(predictor=predictor, count_flops=False))
@@ -258,8 +335,11 @@ class Trainer:
         ckpt_path = self.out / "checkpoints" / f"seed{seed}.pt"
         predictor = self.new_predictor(seed)
         fingerprint = self.cfg.fingerprint()
-        if ckpt_path.exists():
-            ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        # rank 0 reads the checkpoint and hands it to every rank: the replicas resume from the same state
+        ckpt = distributed.on_main(
+            lambda: torch.load(ckpt_path, map_location="cpu", weights_only=False) if ckpt_path.exists() else None
+        )
+        if ckpt is not None:
             if ckpt["fingerprint"] != fingerprint:
                 diff = [k for k in fingerprint if ckpt["fingerprint"].get(k) != fingerprint[k]]
                 raise ValueError(
@@ -294,6 +374,7 @@ class Trainer:
             for epoch in range(start, epochs[phase] + 1):
                 desc = f"seed {seed} {phase} {epoch}/{epochs[phase]}"
                 loss = run_epoch(predictor, optimizer, state, seed * 1000 + p * 100 + epoch, total, desc)
+                self._check_replicas(predictor, desc)
                 val = self.score(predictor)
                 ckpt["log"].append(
                     {
@@ -323,10 +404,18 @@ class Trainer:
         self._save_checkpoint(ckpt_path, ckpt)
         return ckpt
 
-    @staticmethod
-    def _save_checkpoint(path: Path, ckpt: dict) -> None:
-        with atomic_path(path) as tmp:
-            torch.save(ckpt, tmp)
+    def _save_checkpoint(self, path: Path, ckpt: dict) -> None:
+        if self.dist.is_main:
+            with atomic_path(path) as tmp:
+                torch.save(ckpt, tmp)
+
+    def _check_replicas(self, predictor: LESAPredictor, where: str) -> None:
+        """Every rank must hold bit-identical weights after an epoch (cheap: one broadcast of the weights)."""
+        diff = distributed.replicas_differ(predictor)
+        if diff != 0.0:
+            raise RuntimeError(
+                f"{where}: the ranks' predictor weights differ (max abs {diff:.3e}); gradients not in sync"
+            )
 
     # -- the whole job -----------------------------------------------------------------------------------------------
     def run(self) -> LESAPredictor:
@@ -343,6 +432,8 @@ class Trainer:
         predictor = self.new_predictor(best_seed)
         predictor.load_state_dict(results[best_seed]["best_state"])
         predictor.eval()
+        # one digest of the kept weights per rank: all equal, or the replicas drifted apart
+        replicas = distributed.all_gather_objects(weights_digest(predictor))
         sched = dict(interval=self.cfg.interval, warmup=self.cfg.warmup, count_flops=False)
         baselines = {
             "FORA": self.closed_loop_error(FORAConfig(**sched)),
@@ -356,9 +447,15 @@ class Trainer:
             "train_trajectories": len(self.train_idx),
             "val_trajectories": len(self.val_idx),
             "config": self.cfg.fingerprint(),
+            "world_size": self.dist.world_size,
+            "replica_digests": replicas,
         }
-        predictor.save_pretrained(self.out, card=model_card(predictor, summary, self.rec))
-        atomic_write_text(self.out / "training_log.json", json.dumps(summary, indent=1, default=str) + "\n")
+        if len(set(replicas)) != 1:
+            raise RuntimeError(f"the ranks ended with different predictor weights (digests {replicas})")
+        if self.dist.is_main:
+            predictor.save_pretrained(self.out, card=model_card(predictor, summary, self.rec))
+            atomic_write_text(self.out / "training_log.json", json.dumps(summary, indent=1, default=str) + "\n")
+        distributed.barrier()  # no rank returns before the predictor is on disk
         for name, v in baselines.items():
             self.log(f"validation {name}: latent MSE {v['mse']:.3e}, PSNR {v['psnr']:.2f} dB")
         self.log(f"saved predictor (seed {best_seed}, best at {results[best_seed]['best_at']}) to {self.out}")
@@ -394,6 +491,19 @@ def one_step_errors(predictor: LESAPredictor, rec: Recording, indices: list[int]
                         sums[name] += float((guess - feats[s]).abs().mean())
                     count += 1
     return {name: total / count for name, total in sums.items()}
+
+
+def weights_digest(module: torch.nn.Module) -> str:
+    """SHA-256 of a module's weights as saved (fp32, sorted by name): equal digests, bit-identical weights."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _quiet(*_args, **_kwargs) -> None:
+    pass
 
 
 def _cpu_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -150,6 +150,10 @@ class LESAPredictor(nn.Module):
             out = out + c[k] * h
         return out
 
+    def forward(self, history: list[torch.Tensor], context: str, step: int, sigmas: torch.Tensor) -> torch.Tensor:
+        """Same as `forecast` (so DistributedDataParallel can wrap the predictor)."""
+        return self.forecast(history, context, step, sigmas)
+
     # -- persistence ----------------------------------------------------------------------------------------------
     def save_pretrained(self, directory: str | Path, card: str | None = None) -> None:
         """Write config.json, model.safetensors (fp32) and, if given, a README.md model card, each atomically."""
