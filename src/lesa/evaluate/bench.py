@@ -103,8 +103,7 @@ class Bench:
         return np.array(image.convert("RGB"))
 
     def run(self, method: Method | None, prompt: str, seed: int, measure: bool) -> tuple[np.ndarray, GenerationWork]:
-        key = method.row + (method.seed or "") if method else "full"
-        table = self.flops_tables.setdefault(key, {})
+        table = self.flops_tables.setdefault(_key(method) if method else "full", {})
         if method:
             method.enable(self.pipe)
         try:
