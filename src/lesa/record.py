@@ -40,6 +40,7 @@ _SETTINGS = (
     "guidance_scale",
     "negative_prompt",
     "true_cfg_scale",
+    "num_frames",
 )
 
 
@@ -74,7 +75,7 @@ def call_kwargs(settings: dict[str, Any], pipe) -> dict[str, Any]:
     """The pipeline keyword arguments that reproduce a recorded run (prompt and latents aside); settings left at
     None keep the pipeline's own defaults."""
     kwargs: dict[str, Any] = {"num_inference_steps": settings["steps"], "output_type": "latent"}
-    for key in ("height", "width", "guidance_scale", "negative_prompt", "true_cfg_scale"):
+    for key in ("height", "width", "num_frames", "guidance_scale", "negative_prompt", "true_cfg_scale"):
         if settings.get(key) is not None:
             kwargs[key] = settings[key]
     accepted = inspect.signature(pipe.__call__).parameters
@@ -82,6 +83,11 @@ def call_kwargs(settings: dict[str, Any], pipe) -> dict[str, Any]:
     if unknown:
         raise ValueError(f"{type(pipe).__name__} does not take {', '.join(unknown)}")
     return kwargs
+
+
+def pipeline_output(result) -> torch.Tensor:
+    """The images (image pipelines) or frames (video pipelines) of a pipeline call."""
+    return result.images if hasattr(result, "images") else result.frames
 
 
 def _check_finite(tensors: dict[str, torch.Tensor], where: str) -> None:
@@ -96,7 +102,7 @@ def _run_one(pipe, prompt: str, seed: int, settings: dict, dtype: torch.dtype, d
     runtime.observers.append(recorder)
     try:
         generator = torch.Generator(device).manual_seed(seed)
-        final = pipe(prompt=prompt, generator=generator, **call_kwargs(settings, pipe)).images
+        final = pipeline_output(pipe(prompt=prompt, generator=generator, **call_kwargs(settings, pipe)))
     finally:
         runtime.observers.remove(recorder)
     steps = settings["steps"]
@@ -143,6 +149,7 @@ def record(
     guidance_scale: float | None = None,
     negative_prompt: str | None = None,
     true_cfg_scale: float | None = None,
+    num_frames: int | None = None,
     progress: bool = True,
     log=print,
 ) -> RecordResult:
@@ -165,6 +172,7 @@ def record(
         "guidance_scale": guidance_scale,
         "negative_prompt": negative_prompt,
         "true_cfg_scale": true_cfg_scale,
+        "num_frames": num_frames,
     }
     manifest_path = out_dir / MANIFEST
     if manifest_path.exists():
