@@ -93,3 +93,16 @@ def test_generate_refuses_arguments_the_pipeline_does_not_take(tmp_path, capsys,
         tmp_path / out,
     )
     assert code == 2 and f"does not take {flag}" in err
+
+
+def test_generate_with_cpu_offload_matches_the_plain_run(tmp_path, capsys):
+    argv = ["generate", "--model", "tiny-random-flux", "--prompt", "x", "--cache", "fora", "--interval", 3]
+    argv += ["--warmup", 1, "--steps", 10, "--height", 16, "--width", 16, "--device", "cpu", "--json"]
+    images = []
+    for extra in ([], ["--cpu-offload"]):
+        out = tmp_path / f"x{len(extra)}.png"
+        code, stdout, err = cli(capsys, *argv, *extra, "--out", out)
+        assert code == 0, err
+        assert json.loads(stdout)["full_steps"] == 4
+        images.append(Image.open(out).tobytes())
+    assert images[0] == images[1]

@@ -13,10 +13,16 @@ from pathlib import Path
 import torch
 
 
-def _pipeline_args(p: argparse.ArgumentParser, model_help: str) -> None:
+def _pipeline_args(p: argparse.ArgumentParser, model_help: str, offload: bool = True) -> None:
     p.add_argument("--model", default=None, help=model_help)
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--dtype", default=None, help="pipeline dtype (default: bfloat16 on cuda, float32 on cpu)")
+    if offload:
+        p.add_argument(
+            "--cpu-offload",
+            action="store_true",
+            help="keep the pipeline on the CPU and move one model at a time to --device (enable_model_cpu_offload)",
+        )
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -48,7 +54,7 @@ def _parser() -> argparse.ArgumentParser:
     rec.add_argument("--record-dtype", default="bfloat16", help="dtype of the stored features (default bfloat16)")
 
     tr = sub.add_parser("train", help="train a LESA predictor (phase gt, then phase clar)")
-    _pipeline_args(tr, "pipeline for the closed-loop phase and validation (default: the recorded one)")
+    _pipeline_args(tr, "pipeline for the closed-loop phase and validation (default: the recorded one)", offload=False)
     tr.add_argument("--data", required=True, help="a `lesa record` output directory")
     tr.add_argument("--out", required=True, help="predictor directory to write (resumed from its checkpoints)")
     tr.add_argument("--interval", type=int, default=7, help="N: a full step every N steps")
@@ -125,7 +131,7 @@ def _record(args) -> int:
     from .record import read_prompts, record
 
     prompts = read_prompts(args.prompts)
-    pipe = load_pipeline(args.model, args.device, args.dtype)
+    pipe = load_pipeline(args.model, args.device, args.dtype, args.cpu_offload)
     result = record(
         pipe,
         prompts,
@@ -201,7 +207,7 @@ def _generate(args) -> int:
         config = NoCacheConfig()
     if args.steps < 1:
         raise ValueError(f"--steps must be >= 1, got {args.steps}")
-    pipe = load_pipeline(args.model, args.device, args.dtype)
+    pipe = load_pipeline(args.model, args.device, args.dtype, args.cpu_offload)
     video = hasattr(pipe, "video_processor")
     check_output_path(args.out, video)
     label = model_label(args.model)
@@ -228,7 +234,7 @@ def _generate(args) -> int:
     unknown = [f"--{k.replace('_', '-')}" for k in kwargs if k not in accepted]
     if unknown:
         raise ValueError(f"{type(pipe).__name__} does not take {', '.join(unknown)}")
-    device = str(pipe.transformer.device)
+    device = "cpu" if args.cpu_offload else str(pipe.transformer.device)
     start = time.perf_counter()
     result = pipeline_output(
         pipe(prompt=args.prompt, generator=torch.Generator(device).manual_seed(args.seed), **kwargs)

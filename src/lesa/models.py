@@ -124,8 +124,11 @@ def parse_dtype(name: str | None, device: str) -> torch.dtype:
     return dtype
 
 
-def load_pipeline(model: str | None = None, device: str | None = None, dtype: str | None = None):
-    """A pipeline from a local directory or hub id (`model`), or the default; moved to `device` in `dtype`."""
+def load_pipeline(
+    model: str | None = None, device: str | None = None, dtype: str | None = None, cpu_offload: bool = False
+):
+    """A pipeline from a local directory or hub id (`model`), or the default, in `dtype`: moved to `device`, or with
+    `cpu_offload` kept on the CPU and moved to `device` one component at a time (`enable_model_cpu_offload`)."""
     from diffusers import DiffusionPipeline
 
     from .embedded.loading import is_embedded_dir, load_embedded
@@ -151,9 +154,12 @@ def load_pipeline(model: str | None = None, device: str | None = None, dtype: st
     if transformer is None:
         raise ValueError(f"{model}: {type(pipe).__name__} has no transformer; supported: {', '.join(ADAPTERS)}")
     get_adapter(transformer)
-    pipe.to(device=device)
     if built_here and torch_dtype != torch.float32:
         pipe.to(dtype=torch_dtype)
+    if cpu_offload:
+        pipe.enable_model_cpu_offload(device=device)
+    else:
+        pipe.to(device=device)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
