@@ -23,7 +23,7 @@ def four_steps(tmp_path_factory, pipe) -> Recording:
 def test_the_papers_warmup_leaves_nothing_to_cache_and_training_says_why(pipe, four_steps, tmp_path):
     with pytest.raises(ValueError, match=r"leave no cached step in 4 steps \(steps 0..3 are always full\)") as err:
         Trainer(four_steps, pipe, tmp_path, TrainConfig(interval=7, warmup=3), **QUIET)
-    assert "--warmup 0 --interval 2" in str(err.value)
+    assert "--warmup 1 --interval 2" in str(err.value)
 
 
 def test_a_short_schedule_caches_with_windows_shrunk_to_the_available_history(pipe, four_steps, tmp_path):
@@ -53,4 +53,4 @@ def test_generate_notes_when_the_schedule_caches_nothing(tmp_path, capsys):
     code = main([*argv, "--height", "16", "--width", "16", "--out", str(tmp_path / "x.png")])
     captured = capsys.readouterr()
     assert code == 0, captured.err
-    assert "make all 4 steps full: nothing is cached" in captured.err and "--warmup 0 --interval 2" in captured.err
+    assert "make all 4 steps full: nothing is cached" in captured.err and "--warmup 1 --interval 2" in captured.err

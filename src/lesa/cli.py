@@ -221,7 +221,7 @@ def _generate(args) -> int:
     if args.cache != "none" and not schedule.cached_steps(args.steps):
         print(
             f"note: warm-up {schedule.warmup} and interval {schedule.interval} make all {args.steps} steps full: "
-            "nothing is cached (speed-up 1.00x). For few-step (distilled) models use e.g. --warmup 0 --interval 2 "
+            "nothing is cached (speed-up 1.00x). For few-step (distilled) models use e.g. --warmup 1 --interval 2 "
             "(README, 'Few-step models')",
             file=sys.stderr,
         )
