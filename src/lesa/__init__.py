@@ -24,6 +24,11 @@ def enable(pipe: Any, config: CacheConfig) -> CacheRuntime:
     """Accelerate `pipe` with `config` (replacing any lesa cache already on it). The hook reads each generation's
     sigma schedule from `pipe.scheduler`."""
     transformer = _transformer(pipe)
+    if getattr(pipe, "transformer_2", None) is not None:
+        raise ValueError(
+            f"{type(pipe).__name__} has a second transformer (Wan 2.2 two-expert layout: transformer_2 takes the "
+            "low-noise steps); lesa supports one transformer per pipeline (e.g. Wan 2.1, Wan 2.2 TI2V-5B)"
+        )
     remove_lesa_cache(transformer)
     scheduler = getattr(pipe, "scheduler", None)
     return apply_lesa_cache(transformer, config, sigma_source=lambda: getattr(scheduler, "sigmas", None))

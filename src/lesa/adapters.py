@@ -22,6 +22,8 @@ class ModelAdapter:
     modulation: the first trunk block's timestep-modulated norm, called as `norm(hidden_states, emb=temb)` with the
         block's `hidden_states` and `modulation_argument` inputs, first returned tensor (TeaCache's cheap probe);
         None where TeaCache is not supported.
+    stage_thresholds: the model's default sigma thresholds between the predictor's noise stages (a trained predictor
+        stores its own; `lesa train --thresholds` overrides this default).
     """
 
     model_class: str
@@ -35,6 +37,11 @@ class ModelAdapter:
     latent_argument: str = "hidden_states"
     modulation: str | None = None
     modulation_argument: str = "temb"
+    stage_thresholds: tuple[float, ...] = (0.9, 0.5)
+
+    def __post_init__(self) -> None:
+        if self.tap_point not in ("input", "output"):
+            raise ValueError(f"{self.model_class}: tap_point must be 'input' or 'output', got {self.tap_point!r}")
 
     def trunk_blocks(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
         blocks = []
@@ -55,7 +62,60 @@ FLUX = ModelAdapter(
     modulation="norm1",
 )
 
-ADAPTERS: dict[str, ModelAdapter] = {a.model_class: a for a in (FLUX,)}
+# Qwen-Image: the paper's tap, after the output norm (which applies this step's timestep modulation), before the
+# output projection. True CFG runs the transformer twice per step in cache contexts "cond" and "uncond", each with
+# its own history and experts. The paper moves the second stage threshold to 0.4 for this model.
+QWEN_IMAGE = ModelAdapter(
+    model_class="QwenImageTransformer2DModel",
+    trunk=("transformer_blocks",),
+    block_returns=("encoder_hidden_states", "hidden_states"),
+    tap_module="proj_out",
+    tap_point="input",
+    tap="image-token hidden state after norm_out (the output norm), before proj_out",
+    timestep_scale=1.0,  # the pipeline passes timestep / 1000
+    stage_thresholds=(0.9, 0.4),
+)
+
+# HunyuanVideo: the paper's tap, the final model output. We take the output of proj_out, which is the velocity
+# before unpatchify (a pure reshape/permute of the same numbers), so one token per row as for the image models.
+HUNYUAN_VIDEO = ModelAdapter(
+    model_class="HunyuanVideoTransformer3DModel",
+    trunk=("transformer_blocks", "single_transformer_blocks"),
+    block_returns=("hidden_states", "encoder_hidden_states"),
+    tap_module="proj_out",
+    tap_point="output",
+    tap="final model output (velocity), per token, as proj_out returns it before unpatchify",
+    timestep_scale=1000.0,
+)
+
+# Wan 2.x: the hidden state after the last block, entering norm_out (the FLUX choice). Wan's head is a LayerNorm,
+# a per-step timestep shift/scale and a linear layer, so tapping before it lets each cached step's head apply that
+# step's own modulation: the predictor forecasts only the slowly varying trunk feature, not the timestep-dependent
+# shift/scale (the paper's other option, the final output, bakes them in). Cost: the history holds inner_dim-wide
+# features (1536 for 1.3B, 5120 for 14B) rather than the 64-wide output. norm_out receives an fp32 copy; the runtime
+# stores the history in the model's dtype.
+WAN = ModelAdapter(
+    model_class="WanTransformer3DModel",
+    trunk=("blocks",),
+    block_returns=("hidden_states",),
+    tap_module="norm_out",
+    tap_point="input",
+    tap="image-token hidden state after the last block, before norm_out",
+    timestep_scale=1000.0,  # WanPipeline also passes step_index and sigma in its cache context; those win
+)
+
+# SD3 (MMDiT): an adapter entry alone; same tap as FLUX.
+SD3 = ModelAdapter(
+    model_class="SD3Transformer2DModel",
+    trunk=("transformer_blocks",),
+    block_returns=("encoder_hidden_states", "hidden_states"),
+    tap_module="norm_out",
+    tap_point="input",
+    tap="image-token hidden state after the last joint block, before norm_out",
+    timestep_scale=1000.0,
+)
+
+ADAPTERS: dict[str, ModelAdapter] = {a.model_class: a for a in (FLUX, QWEN_IMAGE, HUNYUAN_VIDEO, WAN, SD3)}
 
 
 def get_adapter(model: nn.Module | str) -> ModelAdapter:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import sys
@@ -14,17 +15,26 @@ import torch
 from .evaluate.methods import FAMILIES
 
 
-def _pipeline_args(p: argparse.ArgumentParser, model_help: str) -> None:
+def _pipeline_args(p: argparse.ArgumentParser, model_help: str, offload: bool = True) -> None:
     p.add_argument("--model", default=None, help=model_help)
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--dtype", default=None, help="pipeline dtype (default: bfloat16 on cuda, float32 on cpu)")
+    if offload:
+        p.add_argument(
+            "--cpu-offload",
+            action="store_true",
+            help="keep the pipeline on the CPU and move one model at a time to --device (enable_model_cpu_offload)",
+        )
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lesa", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    model_help = "local diffusers pipeline directory, hub id, 'embedded' or 'tiny-random-flux' (default: embedded"
-    model_help += " when its weights are installed, else tiny-random-flux)"
+    model_help = (
+        "local diffusers pipeline directory, hub id, 'embedded', or a tiny random pipeline built offline: "
+        "tiny-random-flux, tiny-random-qwenimage, tiny-random-hunyuanvideo, tiny-random-wan (default: embedded when "
+        "its weights are installed, else tiny-random-flux)"
+    )
 
     rec = sub.add_parser("record", help="record feature trajectories of the unaccelerated pipeline")
     _pipeline_args(rec, model_help)
@@ -36,11 +46,17 @@ def _parser() -> argparse.ArgumentParser:
     rec.add_argument("--seed", type=int, default=0, help="prompt i uses seed + i")
     rec.add_argument("--guidance-scale", type=float, default=None)
     rec.add_argument("--negative-prompt", default=None, help="negative prompt of the unconditional (CFG) pass")
-    rec.add_argument("--true-cfg-scale", type=float, default=None, help="FLUX true-CFG scale (with --negative-prompt)")
+    rec.add_argument(
+        "--true-cfg-scale",
+        type=float,
+        default=None,
+        help="true-CFG scale of FLUX / Qwen-Image (with --negative-prompt)",
+    )
+    rec.add_argument("--num-frames", type=int, default=None, help="frames of a video pipeline")
     rec.add_argument("--record-dtype", default="bfloat16", help="dtype of the stored features (default bfloat16)")
 
     tr = sub.add_parser("train", help="train a LESA predictor (phase gt, then phase clar)")
-    _pipeline_args(tr, "pipeline for the closed-loop phase and validation (default: the recorded one)")
+    _pipeline_args(tr, "pipeline for the closed-loop phase and validation (default: the recorded one)", offload=False)
     tr.add_argument("--data", required=True, help="a `lesa record` output directory")
     tr.add_argument("--out", required=True, help="predictor directory to write (resumed from its checkpoints)")
     tr.add_argument("--interval", type=int, default=7, help="N: a full step every N steps")
@@ -61,16 +77,25 @@ def _parser() -> argparse.ArgumentParser:
         default="feature",
         help="closed-loop loss on the tapped feature (paper) or on the transformer output",
     )
-    tr.add_argument("--thresholds", default="0.9,0.5", help="stage thresholds on sigma")
+    tr.add_argument(
+        "--thresholds",
+        default=None,
+        help="stage thresholds on sigma (default: the model's, 0.9,0.5; Qwen-Image 0.9,0.4)",
+    )
     tr.add_argument("--windows", default="4,8,8", help="history window K per stage")
     tr.add_argument("--kan-hidden", default="256,256", help="hidden widths of the gain KAN")
     tr.add_argument("--gain", choices=("kan", "mlp"), default="kan", help="temporal gain network (mlp: ablation)")
     tr.add_argument("--restart", action="store_true", help="ignore existing checkpoints in --out")
 
-    gen = sub.add_parser("generate", help="generate an image, accelerated")
+    gen = sub.add_parser("generate", help="generate an image or a video, accelerated")
     _pipeline_args(gen, model_help)
     gen.add_argument("--prompt", required=True)
-    gen.add_argument("--out", required=True, help="output image file (.png)")
+    gen.add_argument(
+        "--out",
+        required=True,
+        help="output file: an image (.png, .jpg); a video as .gif, a directory of PNG frames (no suffix) or, with "
+        "imageio-ffmpeg or OpenCV installed, .mp4",
+    )
     gen.add_argument("--cache", choices=("none", "fora", "taylorseer", "lesa"), default="lesa")
     gen.add_argument("--predictor", default=None, help="LESA predictor directory")
     gen.add_argument("--interval", type=int, default=None, help="N (default: the predictor's, else 7)")
@@ -82,6 +107,10 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--height", type=int, default=None)
     gen.add_argument("--width", type=int, default=None)
     gen.add_argument("--guidance-scale", type=float, default=None)
+    gen.add_argument("--negative-prompt", default=None, help="negative prompt of the unconditional (CFG) pass")
+    gen.add_argument("--true-cfg-scale", type=float, default=None, help="true-CFG scale (FLUX / Qwen-Image)")
+    gen.add_argument("--num-frames", type=int, default=None, help="frames of a video pipeline")
+    gen.add_argument("--fps", type=int, default=8, help="frame rate of a written video")
     gen.add_argument("--json", action="store_true", help="print one JSON object with the measurements")
     b = sub.add_parser("bench", help="quality against speed-up: LESA and baselines at matched full-step budgets")
     _pipeline_args(b, model_help)
@@ -140,7 +169,7 @@ def _record(args) -> int:
 
     prompts = read_prompts(args.prompts)
     dist = init_distributed(args.device)  # under torchrun: join the group; alone: nothing happens
-    pipe = load_pipeline(args.model, dist.device, args.dtype)
+    pipe = load_pipeline(args.model, dist.device, args.dtype, args.cpu_offload)
     result = record(
         pipe,
         prompts,
@@ -154,6 +183,7 @@ def _record(args) -> int:
         guidance_scale=args.guidance_scale,
         negative_prompt=args.negative_prompt,
         true_cfg_scale=args.true_cfg_scale,
+        num_frames=args.num_frames,
     )
     if dist.is_main:
         print(f"recorded {result.recorded} prompt(s) ({result.skipped} already done): {result.manifest}")
@@ -183,7 +213,7 @@ def _train(args) -> int:
         seeds=args.seeds,
         seed=args.seed,
         target=args.target,
-        thresholds=_floats(args.thresholds, "thresholds"),
+        thresholds=None if args.thresholds is None else _floats(args.thresholds, "thresholds"),
         windows=_ints(args.windows, "windows"),
         kan_hidden=_ints(args.kan_hidden, "kan-hidden"),
         gain=args.gain,
@@ -199,7 +229,9 @@ def _train(args) -> int:
 
 def _generate(args) -> int:
     from . import FORAConfig, LESAConfig, NoCacheConfig, TaylorSeerConfig, enable, summary
-    from .models import EMBEDDED_MODEL, TINY_MODEL, load_pipeline, model_label, shipped_predictor
+    from .media import check_output_path, save_video
+    from .models import EMBEDDED_MODEL, TINY_MODELS, load_pipeline, model_label, shipped_predictor
+    from .record import pipeline_output
 
     schedule = {k: v for k, v in (("interval", args.interval), ("warmup", args.warmup)) if v is not None}
     if args.cache == "lesa":
@@ -215,25 +247,47 @@ def _generate(args) -> int:
         config = TaylorSeerConfig(order=args.order, damping=args.damping, **schedule)
     else:
         config = NoCacheConfig()
-    pipe = load_pipeline(args.model, args.device, args.dtype)
-    if model_label(args.model) == TINY_MODEL and not args.json:
+    if args.steps < 1:
+        raise ValueError(f"--steps must be >= 1, got {args.steps}")
+    pipe = load_pipeline(args.model, args.device, args.dtype, args.cpu_offload)
+    video = hasattr(pipe, "video_processor")
+    check_output_path(args.out, video)
+    label = model_label(args.model)
+    if label in TINY_MODELS and not args.json:
         print(
-            f"note: using {TINY_MODEL}, a tiny FluxPipeline with random weights built locally; its images are "
+            f"note: using {label}, a tiny {type(pipe).__name__} with random weights built locally; its output is "
             "noise (the workflow runs, the picture means nothing)",
+            file=sys.stderr,
+        )
+    schedule = config.schedule()
+    if args.cache != "none" and not schedule.cached_steps(args.steps):
+        print(
+            f"note: warm-up {schedule.warmup} and interval {schedule.interval} make all {args.steps} steps full: "
+            "nothing is cached (speed-up 1.00x). For few-step (distilled) models use e.g. --warmup 1 --interval 2 "
+            "(README, 'Few-step models')",
             file=sys.stderr,
         )
     enable(pipe, config)
     kwargs = {"num_inference_steps": args.steps}
-    for key in ("height", "width", "guidance_scale"):
+    for key in ("height", "width", "guidance_scale", "negative_prompt", "true_cfg_scale", "num_frames"):
         if getattr(args, key) is not None:
             kwargs[key] = getattr(args, key)
-    device = str(pipe.transformer.device)
+    accepted = inspect.signature(pipe.__call__).parameters
+    unknown = [f"--{k.replace('_', '-')}" for k in kwargs if k not in accepted]
+    if unknown:
+        raise ValueError(f"{type(pipe).__name__} does not take {', '.join(unknown)}")
+    device = "cpu" if args.cpu_offload else str(pipe.transformer.device)
     start = time.perf_counter()
-    image = pipe(prompt=args.prompt, generator=torch.Generator(device).manual_seed(args.seed), **kwargs).images[0]
+    result = pipeline_output(
+        pipe(prompt=args.prompt, generator=torch.Generator(device).manual_seed(args.seed), **kwargs)
+    )[0]
     seconds = time.perf_counter() - start
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    image.save(out)
+    if video:
+        save_video(result, out, fps=args.fps)
+    else:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        result.save(out)
     info = summary(pipe)
     result = {
         "model": model_label(args.model),

@@ -1,4 +1,4 @@
-"""Loading pipelines: a local diffusers directory or hub id, the embedded model, or a tiny random FLUX pipeline.
+"""Loading pipelines: a local diffusers directory or hub id, the embedded model, or a tiny random pipeline.
 
 The default is the embedded model when its trained weights are present in the package; otherwise a *tiny
 FluxPipeline with random weights* built locally in code, which exercises the workflow offline but draws noise.
@@ -15,6 +15,13 @@ from .adapters import ADAPTERS, get_adapter
 
 TINY_MODEL = "tiny-random-flux"
 EMBEDDED_MODEL = "embedded"
+# tiny pipelines of the real diffusers classes with random weights, built in code (offline): plumbing, not pictures
+TINY_MODELS = {
+    TINY_MODEL: "tiny_flux_pipeline",
+    "tiny-random-qwenimage": "tiny_qwenimage_pipeline",
+    "tiny-random-hunyuanvideo": "tiny_hunyuanvideo_pipeline",
+    "tiny-random-wan": "tiny_wan_pipeline",
+}
 
 
 def shipped_predictor(interval: int) -> Path:
@@ -117,8 +124,11 @@ def parse_dtype(name: str | None, device: str) -> torch.dtype:
     return dtype
 
 
-def load_pipeline(model: str | None = None, device: str | None = None, dtype: str | None = None):
-    """A pipeline from a local directory or hub id (`model`), or the default; moved to `device` in `dtype`."""
+def load_pipeline(
+    model: str | None = None, device: str | None = None, dtype: str | None = None, cpu_offload: bool = False
+):
+    """A pipeline from a local directory or hub id (`model`), or the default, in `dtype`: moved to `device`, or with
+    `cpu_offload` kept on the CPU and moved to `device` one component at a time (`enable_model_cpu_offload`)."""
     from diffusers import DiffusionPipeline
 
     from .embedded.loading import is_embedded_dir, load_embedded
@@ -126,9 +136,9 @@ def load_pipeline(model: str | None = None, device: str | None = None, dtype: st
     device = device or default_device()
     torch_dtype = parse_dtype(dtype, device)
     model = model or default_model()
-    built_here = model in (TINY_MODEL, EMBEDDED_MODEL) or is_embedded_dir(model)
-    if model == TINY_MODEL:
-        pipe = tiny_flux_pipeline()
+    built_here = model in TINY_MODELS or model == EMBEDDED_MODEL or is_embedded_dir(model)
+    if model in TINY_MODELS:
+        pipe = globals()[TINY_MODELS[model]]()
     elif model == EMBEDDED_MODEL:
         pipe = load_embedded()
     elif is_embedded_dir(model):
@@ -144,9 +154,12 @@ def load_pipeline(model: str | None = None, device: str | None = None, dtype: st
     if transformer is None:
         raise ValueError(f"{model}: {type(pipe).__name__} has no transformer; supported: {', '.join(ADAPTERS)}")
     get_adapter(transformer)
-    pipe.to(device=device)
     if built_here and torch_dtype != torch.float32:
         pipe.to(dtype=torch_dtype)
+    if cpu_offload:
+        pipe.enable_model_cpu_offload(device=device)
+    else:
+        pipe.to(device=device)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -154,6 +167,240 @@ def load_pipeline(model: str | None = None, device: str | None = None, dtype: st
 def model_label(model: str | None) -> str:
     """How a recording or predictor names its base model: a built-in name, an absolute path or a hub id."""
     model = model or default_model()
-    if model in (TINY_MODEL, EMBEDDED_MODEL):
+    if model in TINY_MODELS or model == EMBEDDED_MODEL:
         return model
     return str(Path(model).resolve()) if Path(model).exists() else model
+
+
+# -- tiny pipelines of the other supported classes (random weights, built offline, for tests and the CLI) -----------
+_QWEN_TEMPLATE = (
+    "<|im_start|>system\nDescribe the image by detailing the color, shape, size, texture, quantity, text, spatial "
+    "relationships of the objects and background:<|im_end|>\n<|im_start|>user\n"
+)
+_HUNYUAN_TEMPLATE = (
+    "<|start_header_id|>system<|end_header_id|>\n\nDescribe the video by detailing the following aspects: "
+    "1. The main content and theme of the video.2. The color, shape, size, texture, quantity, text, and spatial "
+    "relationships of the objects.3. Actions, events, behaviors temporal relationships, physical movement changes of "
+    "the objects.4. background environment, light, style and atmosphere.5. camera angles, movements, and transitions "
+    "used in the video:<|eot_id|><|start_header_id|>user<|end_header_id|>\n\n"
+)
+
+
+def tiny_tokenizer(template: str = "", specials: tuple[str, ...] = (), max_length: int = 512):
+    """A fast WordPiece tokenizer built in code: the words of `template` are single tokens (so a pipeline's prompt
+    template has about the token count its `crop_start` / drop index expects) and any other word splits into
+    characters (so different prompts give different tokens)."""
+    import re
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = [chr(c) for c in range(32, 127)]
+    words = sorted(set(re.findall(r"\w+|[^\w\s]", template)))
+    vocab: dict[str, int] = {}
+    for token in ("<pad>", "<unk>", "<s>", "</s>", *specials, *chars, *("##" + c for c in chars), *words):
+        vocab.setdefault(token, len(vocab))
+    backend = Tokenizer(models.WordPiece(vocab, unk_token="<unk>", max_input_chars_per_word=100))
+    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        pad_token="<pad>",
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        model_max_length=max_length,
+        additional_special_tokens=list(specials),
+    )
+
+
+def _eval(pipe, *components):
+    for component in components:
+        component.eval()
+    return pipe
+
+
+def tiny_qwenimage_pipeline(seed: int = 0):
+    """A QwenImagePipeline (true CFG with a negative prompt) of the real classes with tiny random components."""
+    from diffusers import (
+        AutoencoderKLQwenImage,
+        FlowMatchEulerDiscreteScheduler,
+        QwenImagePipeline,
+        QwenImageTransformer2DModel,
+    )
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    torch.manual_seed(seed)
+    transformer = QwenImageTransformer2DModel(
+        patch_size=2,
+        in_channels=16,
+        out_channels=4,
+        num_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=16,
+        axes_dims_rope=(8, 4, 4),
+    )
+    tokenizer = tiny_tokenizer(_QWEN_TEMPLATE, ("<|im_start|>", "<|im_end|>", "\n"), max_length=1024)
+    torch.manual_seed(seed + 1)
+    text_config = dict(
+        hidden_size=16,
+        intermediate_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        vocab_size=len(tokenizer),
+        rope_scaling={"mrope_section": [1, 1, 2], "rope_type": "default", "type": "default"},
+        rope_theta=1000000.0,
+        bos_token_id=2,
+        eos_token_id=3,
+    )
+    vision_config = dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=16)
+    text_encoder = Qwen2_5_VLForConditionalGeneration(
+        Qwen2_5_VLConfig(
+            text_config=text_config,
+            vision_config=vision_config,
+            vocab_size=len(tokenizer),
+            bos_token_id=2,
+            eos_token_id=3,
+        )
+    )
+    torch.manual_seed(seed + 2)
+    vae = AutoencoderKLQwenImage(
+        base_dim=24,
+        z_dim=4,
+        dim_mult=[1, 2, 4],
+        num_res_blocks=1,
+        temperal_downsample=[False, True],
+        latents_mean=[0.0] * 4,
+        latents_std=[1.0] * 4,
+    )
+    pipe = QwenImagePipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        transformer=transformer,
+    )
+    return _eval(pipe, transformer, text_encoder, vae)
+
+
+def tiny_hunyuanvideo_pipeline(seed: int = 0):
+    """A HunyuanVideoPipeline of the real classes with tiny random components (Llama + CLIP text encoders)."""
+    from diffusers import (
+        AutoencoderKLHunyuanVideo,
+        FlowMatchEulerDiscreteScheduler,
+        HunyuanVideoPipeline,
+        HunyuanVideoTransformer3DModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, LlamaConfig, LlamaModel
+
+    torch.manual_seed(seed)
+    transformer = HunyuanVideoTransformer3DModel(
+        in_channels=4,
+        out_channels=4,
+        num_attention_heads=2,
+        attention_head_dim=10,
+        num_layers=1,
+        num_single_layers=2,
+        num_refiner_layers=1,
+        patch_size=1,
+        patch_size_t=1,
+        guidance_embeds=True,
+        text_embed_dim=16,
+        pooled_projection_dim=8,
+        rope_axes_dim=(2, 4, 4),
+    )
+    specials = ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
+    tokenizer = tiny_tokenizer(_HUNYUAN_TEMPLATE, specials, max_length=512)
+    torch.manual_seed(seed + 1)
+    text_encoder = LlamaModel(
+        LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=16,
+            intermediate_size=37,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            pad_token_id=0,
+        )
+    )
+    torch.manual_seed(seed + 2)
+    text_encoder_2 = CLIPTextModel(
+        CLIPTextConfig(
+            bos_token_id=0,
+            eos_token_id=2,
+            pad_token_id=1,
+            hidden_size=8,
+            intermediate_size=37,
+            num_attention_heads=4,
+            num_hidden_layers=2,
+            vocab_size=1000,
+            projection_dim=32,
+            hidden_act="gelu",
+        )
+    )
+    torch.manual_seed(seed + 3)
+    vae = AutoencoderKLHunyuanVideo(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        down_block_types=("HunyuanVideoDownBlock3D",) * 4,
+        up_block_types=("HunyuanVideoUpBlock3D",) * 4,
+        block_out_channels=(8, 8, 8, 8),
+        layers_per_block=1,
+        act_fn="silu",
+        norm_num_groups=4,
+        scaling_factor=0.476986,
+        spatial_compression_ratio=8,
+        temporal_compression_ratio=4,
+        mid_block_add_attention=True,
+    )
+    pipe = HunyuanVideoPipeline(
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        transformer=transformer,
+        vae=vae,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=CLIPTokenizer(model_max_length=77),
+    )
+    return _eval(pipe, transformer, text_encoder, text_encoder_2, vae)
+
+
+def tiny_wan_pipeline(seed: int = 0):
+    """A WanPipeline (Wan 2.1 layout: one transformer) of the real classes with tiny random components."""
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    torch.manual_seed(seed)
+    transformer = WanTransformer3DModel(
+        patch_size=(1, 2, 2),
+        num_attention_heads=2,
+        attention_head_dim=12,
+        in_channels=16,
+        out_channels=16,
+        text_dim=32,
+        freq_dim=256,
+        ffn_dim=32,
+        num_layers=2,
+        cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=32,
+    )
+    tokenizer = tiny_tokenizer(max_length=512)
+    torch.manual_seed(seed + 1)
+    text_encoder = UMT5EncoderModel(
+        UMT5Config(vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4)
+    )
+    torch.manual_seed(seed + 2)
+    vae = AutoencoderKLWan(
+        base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
+    )
+    pipe = WanPipeline(
+        tokenizer=tokenizer,
+        text_encoder=text_encoder,
+        transformer=transformer,
+        vae=vae,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+    )
+    return _eval(pipe, transformer, text_encoder, vae)

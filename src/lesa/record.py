@@ -49,6 +49,7 @@ _SETTINGS = (
     "guidance_scale",
     "negative_prompt",
     "true_cfg_scale",
+    "num_frames",
 )
 # Test hook: "RANK:K" makes rank RANK exit abruptly (no clean-up) after it wrote K shards, as a killed job would.
 EXIT_AFTER_ENV = "LESA_TEST_RECORD_EXIT_AFTER"
@@ -199,7 +200,7 @@ def call_kwargs(settings: dict[str, Any], pipe) -> dict[str, Any]:
     """The pipeline keyword arguments that reproduce a recorded run (prompt and latents aside); settings left at
     None keep the pipeline's own defaults."""
     kwargs: dict[str, Any] = {"num_inference_steps": settings["steps"], "output_type": "latent"}
-    for key in ("height", "width", "guidance_scale", "negative_prompt", "true_cfg_scale"):
+    for key in ("height", "width", "num_frames", "guidance_scale", "negative_prompt", "true_cfg_scale"):
         if settings.get(key) is not None:
             kwargs[key] = settings[key]
     accepted = inspect.signature(pipe.__call__).parameters
@@ -209,12 +210,17 @@ def call_kwargs(settings: dict[str, Any], pipe) -> dict[str, Any]:
     return kwargs
 
 
+def pipeline_output(result) -> torch.Tensor:
+    """The images (image pipelines) or frames (video pipelines) of a pipeline call."""
+    return result.images if hasattr(result, "images") else result.frames
+
+
 def _generate(pipe, prompt: str, seed: int, settings: dict, device: str, observer) -> torch.Tensor:
     runtime = get_runtime(pipe.transformer)
     runtime.observers.append(observer)
     try:
         generator = torch.Generator(device).manual_seed(seed)
-        return pipe(prompt=prompt, generator=generator, **call_kwargs(settings, pipe)).images
+        return pipeline_output(pipe(prompt=prompt, generator=generator, **call_kwargs(settings, pipe)))
     finally:
         runtime.observers.remove(observer)
 
@@ -375,6 +381,7 @@ def record(
     guidance_scale: float | None = None,
     negative_prompt: str | None = None,
     true_cfg_scale: float | None = None,
+    num_frames: int | None = None,
     progress: bool = True,
     log=print,
 ) -> RecordResult:
@@ -404,6 +411,7 @@ def record(
         "guidance_scale": guidance_scale,
         "negative_prompt": negative_prompt,
         "true_cfg_scale": true_cfg_scale,
+        "num_frames": num_frames,
     }
     manifest_path = out_dir / MANIFEST
     enable(pipe, NoCacheConfig(count_flops=False))

@@ -76,6 +76,8 @@ class ContextState(BaseState):
         self.current_sigma = 1.0
         self.full = True
         self.tap: torch.Tensor | None = None
+        self.dtype: torch.dtype | None = None  # the model's dtype: policies keep their history in it
+        self.tap_dtype: torch.dtype | None = None  # dtype the tap module received on the last full step
 
     def reset(self) -> None:
         self.policy = None
@@ -126,7 +128,7 @@ class CacheRuntime:
         state.policy.begin(sigmas)
         state.step, state.last_sigma, state.last_full = 0, None, None
 
-    def begin_call(self, args: tuple, kwargs: dict) -> tuple[str, ContextState]:
+    def begin_call(self, args: tuple, kwargs: dict, dtype: torch.dtype | None = None) -> tuple[str, ContextState]:
         context = self.state_manager.context
         state: ContextState = self.state_manager.get_state()
         if context.sigma is not None:
@@ -147,6 +149,7 @@ class CacheRuntime:
         # adaptive methods decide at the first trunk block; until then the step counts as full
         state.full = self.config.adaptive or self.schedule.is_full(step, state.last_full)
         state.tap = None
+        state.dtype = dtype
         return context.name, state
 
     def end_call(self, name: str, state: ContextState) -> None:
@@ -217,7 +220,7 @@ class RootHook(ModelHook):
 
     def new_forward(self, module: nn.Module, *args, **kwargs):
         rt = self.runtime
-        name, state = rt.begin_call(args, kwargs)
+        name, state = rt.begin_call(args, kwargs, getattr(module, "dtype", None))
         latents = rt.argument(rt.adapter.latent_argument, args, kwargs)
         shape = tuple(latents.shape)
         # an adaptive method only knows after the call whether it was full: count until both kinds are known
@@ -290,9 +293,14 @@ class TapHook(ModelHook):
     def _exchange(self, feature: torch.Tensor) -> torch.Tensor:
         state: ContextState = self.runtime.state_manager.get_state()
         if state.full:
-            state.policy.observe(feature, state.current_step, state.current_sigma)
+            state.tap_dtype = feature.dtype
+            # history in the model's dtype (e.g. Wan hands norm_out an fp32 copy of a bf16 feature)
+            stored = feature if state.dtype is None or not feature.is_floating_point() else feature.to(state.dtype)
+            state.policy.observe(stored, state.current_step, state.current_sigma)
         else:
             feature = state.policy.forecast(state.current_step, state.current_sigma)
+            if state.tap_dtype is not None:
+                feature = feature.to(state.tap_dtype)
         state.tap = feature
         return feature
 

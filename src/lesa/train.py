@@ -31,7 +31,7 @@ from .adapters import get_adapter
 from .config import CacheConfig, FORAConfig, LESAConfig, TaylorSeerConfig
 from .io import atomic_path, atomic_write_text
 from .predictor import LESAPredictor, PredictorConfig
-from .record import Recording, call_kwargs
+from .record import Recording, call_kwargs, pipeline_output
 from .runtime import StepEvent, get_runtime
 from .schedule import StepSchedule
 
@@ -58,7 +58,7 @@ class TrainConfig:
     seeds: int = 1
     seed: int = 0
     target: str = "feature"
-    thresholds: tuple[float, ...] = (0.9, 0.5)
+    thresholds: tuple[float, ...] | None = None  # None: the model adapter's default (0.9, 0.5; Qwen-Image 0.9, 0.4)
     windows: tuple[int, ...] = (4, 8, 8)
     history: int = 8
     kan_hidden: tuple[int, ...] = (256, 256)
@@ -123,9 +123,14 @@ class Trainer:
         self.cached_steps = self.schedule.cached_steps(self.num_steps)
         if not self.cached_steps:
             raise ValueError(
-                f"interval {config.interval} / warmup {config.warmup} leave no cached step in "
-                f"{self.num_steps} steps: nothing to train"
+                f"interval {config.interval} / warmup {config.warmup} leave no cached step in {self.num_steps} steps "
+                f"(steps 0..{config.warmup} are always full): nothing to train. For a few-step (distilled) model use "
+                "a short warm-up and interval, e.g. --warmup 1 --interval 2 (see the README, 'Few-step models')"
             )
+        # Few-step schedules: a cached step s has at most s earlier features, so a window beyond the last cached
+        # step's index can never fill; shrink K to what the schedule can supply (50 steps: no change).
+        reach = max(self.cached_steps)
+        self.windows = tuple(min(k, reach) for k in config.windows)
         self.train_idx, self.val_idx = split_indices(len(recording), config.val_fraction)
         self.device = pipe.transformer.device
         self.dtype = pipe.transformer.dtype
@@ -140,6 +145,7 @@ class Trainer:
     # -- predictor ---------------------------------------------------------------------------------------------------
     def new_predictor(self, seed: int) -> LESAPredictor:
         adapter = get_adapter(self.settings["model_class"])
+        thresholds = self.cfg.thresholds if self.cfg.thresholds is not None else adapter.stage_thresholds
         torch.manual_seed(seed)
         config = PredictorConfig(
             model_class=self.settings["model_class"],
@@ -150,9 +156,9 @@ class Trainer:
             dtype=str(self.dtype).replace("torch.", ""),
             interval=self.cfg.interval,
             warmup=self.cfg.warmup,
-            thresholds=list(self.cfg.thresholds),
-            windows=list(self.cfg.windows),
-            history=self.cfg.history,
+            thresholds=list(thresholds),
+            windows=list(self.windows),
+            history=min(self.cfg.history, max(self.windows)),
             contexts=list(self.rec.contexts),
             kan_hidden=list(self.cfg.kan_hidden),
             gain=self.cfg.gain,
@@ -306,7 +312,10 @@ class Trainer:
     def _run(self, batch: list[int], data: list[dict[str, torch.Tensor]]) -> torch.Tensor:
         prompts = [self.rec.entries[i]["prompt"] for i in batch]
         noise = torch.stack([d["noise"] for d in data]).to(self.device, self.dtype)
-        return self.pipe(prompt=prompts, latents=noise, **call_kwargs(self.settings, self.pipe)).images
+        kwargs = call_kwargs(self.settings, self.pipe)
+        if isinstance(kwargs.get("negative_prompt"), str):  # one negative prompt per prompt of the batch
+            kwargs["negative_prompt"] = [kwargs["negative_prompt"]] * len(prompts)
+        return pipeline_output(self.pipe(prompt=prompts, latents=noise, **kwargs))
 
     # -- validation --------------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -421,7 +430,8 @@ class Trainer:
     def run(self) -> LESAPredictor:
         self.log(
             f"lesa train: {len(self.train_idx)} training / {len(self.val_idx)} held-out trajectories, "
-            f"{self.num_steps} steps, interval {self.cfg.interval}, warmup {self.cfg.warmup} "
+            f"{self.num_steps} steps, interval {self.cfg.interval}, warmup {self.cfg.warmup}, windows "
+            f"{','.join(map(str, self.windows))} "
             f"({len(self.schedule.full_steps(self.num_steps))} full steps), phases {','.join(self.cfg.phases)}, "
             f"target {self.cfg.target}, {self.cfg.seeds} seed(s)"
         )

@@ -9,7 +9,8 @@ from .base import Policy
 
 
 class LESAPolicy(Policy):
-    """History of the last `history` tapped features (computed or forecast) of one cache context.
+    """History of the last tapped features (computed or forecast) of one cache context: only as many as the largest
+    stage window K needs, in the dtype the runtime hands over (the model's).
 
     Inference computes each step's coefficients once per schedule and forecasts in the feature dtype. With
     `differentiable=True` (closed-loop training) a forecast carries gradients to the predictor's weights; the history
@@ -25,6 +26,7 @@ class LESAPolicy(Policy):
         self.history: list[torch.Tensor] = []
         self.sigmas: torch.Tensor | None = None
         self.table: list[tuple[list[float], float]] | None = None
+        self.keep = max(predictor.config.windows)
 
     def begin(self, sigmas: torch.Tensor | None) -> None:
         self.history = []
@@ -35,7 +37,7 @@ class LESAPolicy(Policy):
 
     def _push(self, feature: torch.Tensor) -> None:
         self.history.append(feature)
-        del self.history[: -self.predictor.config.history]
+        del self.history[: -self.keep]
 
     def observe(self, feature: torch.Tensor, step: int, sigma: float) -> None:
         width = self.predictor.config.feature_dim
