@@ -77,6 +77,8 @@ def test_polynomial_fit_and_threshold_search():
     assert coefficients == pytest.approx((2.0, 0.0, 0.5), abs=1e-6)
     threshold, count = search_threshold(lambda t: 50 - int(10 * t), target=20, low=0.0, high=10.0)
     assert count == 20 and 3.0 <= threshold < 3.1 + 1e-9
+    threshold, count = search_threshold(lambda t: 50 if t < 0.002 else 8, target=8, low=0.0, high=20.0)
+    assert count == 8 and threshold >= 0.002  # the log scale reaches small thresholds in few steps
     with pytest.raises(ValueError, match="pairs"):
         fit_polynomial([(0.1, 0.2)], degree=4)
 

@@ -7,6 +7,7 @@ predictor's training prompts, never on the prompts a benchmark evaluates.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 
 import numpy as np
@@ -82,10 +83,12 @@ def search_threshold(
 ) -> tuple[float, float]:
     """Bisection for the threshold whose mean full-step count is nearest `target` (counts fall as it rises).
 
+    The bisection runs on a log scale (thresholds that matter span orders of magnitude) from `max(low, 1e-4)`.
     Returns (threshold, its full-step count)."""
+    low = max(low, 1e-4)
     best = (low, full_steps_at(low))
     for _ in range(iterations):
-        mid = (low + high) / 2
+        mid = math.sqrt(low * high)
         count = full_steps_at(mid)
         if abs(count - target) < abs(best[1] - target) or (count == best[1] and mid > best[0]):
             best = (mid, count)

@@ -26,9 +26,12 @@ def to_pil_frames(frames: Any) -> list[Image.Image]:
 
 
 def video_encoder_available() -> bool:
-    """Whether `diffusers.utils.export_to_video` has a backend here (imageio with imageio-ffmpeg, or OpenCV)."""
+    """Whether `diffusers.utils.export_to_video` can write here: it uses imageio whenever imageio is installed (and
+    then needs imageio-ffmpeg), and falls back to OpenCV only when imageio is absent."""
     has = importlib.util.find_spec
-    return (has("imageio") is not None and has("imageio_ffmpeg") is not None) or has("cv2") is not None
+    if has("imageio") is not None:
+        return has("imageio_ffmpeg") is not None
+    return has("cv2") is not None
 
 
 def check_output_path(path: str | Path, video: bool) -> None:

@@ -45,7 +45,7 @@ class TeaCachePolicy(Policy):
         value = 0.0
         for c in self.coefficients:
             value = value * change + c
-        return value
+        return max(value, 0.0)  # a fitted polynomial can dip below zero; an estimated change cannot
 
     def decide(self, modulated: torch.Tensor, trunk_in: torch.Tensor, step: int) -> bool:
         """Whether step `step` runs the trunk, given the first block's modulated input and the trunk input."""
