@@ -4,7 +4,10 @@ Our own hooks and diffusers' cache hooks skip work in different places (whole bl
 blocks), so the meter counts at the innermost point both share: each trunk block's attention module (the block
 itself when it has none), with a hook registered before any cache hook, so a skipped module is never counted.
 FLOPs come from `torch.utils.flop_counter.FlopCounterMode` (matrix products and attention; element-wise work is not
-counted, for every method alike), measured once per kind of call (how many trunk units ran) and looked up after.
+counted, for every method alike). On a measured generation every call is counted; a call kind (how many trunk units
+ran) then costs its cheapest measured call, and what the generation spent beyond that (work done once per
+generation, e.g. LESA folding its coefficients) is kept as a per-generation overhead, so later generations are
+priced from the table without counting again.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 _METER_HOOK = "lesa_work_meter"
+OVERHEAD = -1  # key of the per-generation FLOPs overhead in a method's table
 
 
 class _UnitCounter(ModelHook):
@@ -47,6 +51,7 @@ class WorkMeter:
         self.num_units = len(blocks)
         self.executed = 0
         self.kinds: list[int] = []
+        self.call_flops: list[int] = []
         self.flops_by_kind: dict[int, int] = {}
         self._counter: FlopCounterMode | None = None
         self._measure = False
@@ -79,17 +84,23 @@ class WorkMeter:
         self.kinds.append(kind)
         if self._counter is not None:
             self._counter.__exit__(None, None, None)
-            self.flops_by_kind.setdefault(kind, self._counter.get_total_flops())
+            self.call_flops.append(self._counter.get_total_flops())
             self._counter = None
 
     def start(self, flops_by_kind: dict[int, int], measure: bool) -> None:
         """Begin a generation; FLOPs of new call kinds go into `flops_by_kind` (one table per method)."""
-        self.kinds, self.flops_by_kind, self._measure = [], flops_by_kind, measure
+        self.kinds, self.call_flops, self.flops_by_kind, self._measure = [], [], flops_by_kind, measure
 
     def stop(self) -> GenerationWork:
-        table, estimated, flops = self.flops_by_kind, False, 0
+        table = self.flops_by_kind
+        if self._measure:
+            for kind, flops in zip(self.kinds, self.call_flops, strict=True):
+                table[kind] = min(flops, table.get(kind, flops))
+            per_call = sum(table[kind] for kind in self.kinds)
+            table[OVERHEAD] = max(0, sum(self.call_flops) - per_call)
+        estimated, flops = False, table.get(OVERHEAD, 0)
         for kind in self.kinds:
-            if not table:  # nothing measured for this method yet (a run that only counts units)
+            if not any(k >= 0 for k in table):  # nothing measured for this method yet (a run that only counts units)
                 estimated = True
             elif kind in table:
                 flops += table[kind]
@@ -100,7 +111,7 @@ class WorkMeter:
         return GenerationWork(len(self.kinds), sum(self.kinds), flops, estimated, list(self.kinds))
 
     def _interpolate(self, kind: int) -> int:
-        known = sorted(self.flops_by_kind)
+        known = sorted(k for k in self.flops_by_kind if k >= 0)
         if not known:
             raise RuntimeError("no transformer call was measured for FLOPs yet")
         low = max((k for k in known if k <= kind), default=known[0])
