@@ -20,28 +20,32 @@ Scorer = Callable[[str, np.ndarray, np.ndarray | None], dict[str, float | None]]
 def make_scorer(cfg: Any, prompts: list[str], notice: Callable[[str], None]) -> Scorer:
     """A scorer for `cfg`'s metrics: against the reference image (PSNR, SSIM, MS-SSIM, LPIPS) and against the
     prompt (CLIP score, ImageReward, the embedded model's checker)."""
-    lpips = clip = reward = None
-    if cfg.lpips_weights:
+
+    def optional(name: str, source: Any, load: Callable[[Any], Any], hint: str) -> Any:
+        if not source:
+            notice(f"{name} skipped: {hint}")
+            return None
         try:
-            lpips = metrics.LPIPS.from_files(cfg.lpips_weights).eval()
+            return load(source)
         except metrics.MetricUnavailable as e:
-            notice(f"LPIPS skipped: {e}")
-    else:
-        notice("LPIPS skipped: pass --lpips-weights with local AlexNet and LPIPS (alex.pth) weights")
-    if cfg.clip:
-        try:
-            clip = metrics.CLIPScore.from_pretrained(cfg.clip)
-        except metrics.MetricUnavailable as e:
-            notice(f"CLIP score skipped: {e}")
-    else:
-        notice("CLIP score skipped: pass --clip with a local CLIP model directory")
-    if cfg.image_reward:
-        try:
-            reward = metrics.ImageRewardScore.from_path(cfg.image_reward)
-        except metrics.MetricUnavailable as e:
-            notice(f"ImageReward skipped: {e}")
-    else:
-        notice("ImageReward skipped: pass --image-reward with a local ImageReward checkpoint")
+            notice(f"{name} skipped: {e}")
+            return None
+
+    lpips = optional(
+        "LPIPS",
+        cfg.lpips_weights,
+        lambda paths: metrics.LPIPS.from_files(paths).eval(),
+        "pass --lpips-weights with local AlexNet and LPIPS (alex.pth) weights",
+    )
+    clip = optional(
+        "CLIP score", cfg.clip, metrics.CLIPScore.from_pretrained, "pass --clip with a local CLIP model directory"
+    )
+    reward = optional(
+        "ImageReward",
+        cfg.image_reward,
+        metrics.ImageRewardScore.from_path,
+        "pass --image-reward with a local ImageReward checkpoint",
+    )
     checker = _checker(prompts, notice)
     ms_ssim_noted = False
 

@@ -99,8 +99,9 @@ class WorkMeter:
             per_call = sum(table[kind] for kind in self.kinds)
             table[OVERHEAD] = max(0, sum(self.call_flops) - per_call)
         estimated, flops = False, table.get(OVERHEAD, 0)
+        measured = any(k >= 0 for k in table)  # False: a run that only counts units, nothing priced yet
         for kind in self.kinds:
-            if not any(k >= 0 for k in table):  # nothing measured for this method yet (a run that only counts units)
+            if not measured:
                 estimated = True
             elif kind in table:
                 flops += table[kind]
