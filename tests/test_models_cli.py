@@ -1,4 +1,5 @@
-"""`lesa record` -> `lesa train` -> `lesa generate` through the CLI for Qwen-Image (true CFG) and HunyuanVideo."""
+"""`lesa record` -> `lesa train` -> `lesa generate` through the CLI for Qwen-Image (true CFG), HunyuanVideo, Wan and
+SD3 (FLUX: tests/test_cli.py)."""
 
 import json
 
@@ -69,6 +70,27 @@ def test_hunyuanvideo_through_the_cli_writes_a_watchable_video(tmp_path, capsys,
     monkeypatch.setattr(lesa.media, "video_encoder_available", lambda: False)
     code, _, err = cli(capsys, *gen, "--out", tmp_path / "v.mp4")
     assert code == 2 and "needs a video encoder" in err and "--out NAME.gif" in err
+
+
+@pytest.mark.parametrize(
+    ("model", "model_class", "contexts", "call", "out"),
+    [
+        # Wan: CFG as two passes (cond / uncond contexts); 16x16 pixels, 5 frames -> 2x2x2 latents
+        ("tiny-random-wan", "WanTransformer3DModel", ["cond", "uncond"], ["--num-frames", 5], "v.gif"),
+        # SD3: CFG batched into one pass, so one context
+        ("tiny-random-sd3", "SD3Transformer2DModel", ["default"], [], "x.png"),
+    ],
+)
+def test_other_adapters_through_the_cli(tmp_path, capsys, model, model_class, contexts, call, out):
+    call = ["--height", 16, "--width", 16, "--guidance-scale", 5.0, *call]
+    config = record_and_train(capsys, tmp_path, model, *call)
+    assert (config["model_class"], config["contexts"]) == (model_class, contexts)
+    gen = ["generate", "--model", model, "--prompt", "a cat", "--predictor", tmp_path / "pred", "--steps", 10, *call]
+    code, stdout, err = cli(capsys, *gen, "--out", tmp_path / out, "--json")
+    assert code == 0, err
+    result = json.loads(stdout)
+    assert (result["steps"], result["full_steps"], result["cache"]) == (10, 4, "lesa")
+    assert Image.open(tmp_path / out).size == (16, 16)
 
 
 @pytest.mark.parametrize(

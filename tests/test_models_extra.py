@@ -230,3 +230,36 @@ def test_the_hook_coexists_with_model_cpu_offload():
     assert lesa.summary(pipe)["trunk_executions"] == 4
     lesa.disable(pipe)
     assert torch.equal(pipe(generator=torch.Generator().manual_seed(0), **kw).images, reference)
+
+
+def test_batched_cfg_is_recorded_per_prompt_in_the_call_layout(tmp_path):
+    """SD3 batches [uncond, cond] into one transformer call: a recording keeps both chunks per prompt, and the
+    closed-loop targets of a batch of prompts line up with the taps of the batched call."""
+    from lesa.models import tiny_sd3_pipeline
+    from lesa.record import Recording, record
+    from lesa.runtime import get_runtime
+    from lesa.train import as_call_batch
+
+    pipe = tiny_sd3_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    settings = dict(height=16, width=16, guidance_scale=5.0)
+    record(
+        pipe,
+        ["a red cat", "a blue dog"],
+        tmp_path / "rec",
+        model="tiny-random-sd3",
+        steps=4,
+        dtype="float32",
+        **settings,
+    )
+    rec = Recording(tmp_path / "rec")
+    assert rec.shapes["default.feature"] == [4, 2, 64, 16]  # steps, (uncond, cond), tokens, width
+    data = [rec.load(i) for i in range(2)]
+    lesa.enable(pipe, lesa.FORAConfig(interval=1))
+    taps = {}
+    get_runtime(pipe.transformer).observers.append(lambda e: taps.__setitem__(e.step, e.tap.detach().clone()))
+    noise = torch.stack([d["noise"] for d in data])
+    pipe(prompt=["a red cat", "a blue dog"], latents=noise, output_type="latent", num_inference_steps=4, **settings)
+    targets = torch.stack([d["default.feature"] for d in data], 1)
+    for step, tap in taps.items():
+        torch.testing.assert_close(as_call_batch(targets[step], tap.dim()), tap, rtol=1e-4, atol=1e-4)

@@ -32,7 +32,8 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     model_help = (
         "local diffusers pipeline directory, hub id, 'embedded', or a tiny random pipeline built offline: "
-        "tiny-random-flux, tiny-random-qwenimage, tiny-random-hunyuanvideo, tiny-random-wan (default: embedded when "
+        "tiny-random-flux, tiny-random-qwenimage, tiny-random-hunyuanvideo, tiny-random-wan, tiny-random-sd3 (default: "
+        "embedded when "
         "its weights are installed, else tiny-random-flux)"
     )
 

@@ -21,6 +21,7 @@ TINY_MODELS = {
     "tiny-random-qwenimage": "tiny_qwenimage_pipeline",
     "tiny-random-hunyuanvideo": "tiny_hunyuanvideo_pipeline",
     "tiny-random-wan": "tiny_wan_pipeline",
+    "tiny-random-sd3": "tiny_sd3_pipeline",
 }
 
 
@@ -404,3 +405,77 @@ def tiny_wan_pipeline(seed: int = 0):
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
     )
     return _eval(pipe, transformer, text_encoder, vae)
+
+
+def tiny_sd3_pipeline(seed: int = 0):
+    """A StableDiffusion3Pipeline (two CLIP encoders + T5, CFG) of the real classes with tiny random components."""
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer, T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(
+        sample_size=16,
+        patch_size=1,
+        in_channels=4,
+        num_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        caption_projection_dim=16,
+        joint_attention_dim=32,  # T5 width; the two CLIPs' 16 + 16 are padded to it
+        pooled_projection_dim=32,  # the two CLIPs' pooled 16 + 16
+        out_channels=4,
+    )
+    clip_config = CLIPTextConfig(
+        bos_token_id=0,
+        eos_token_id=2,
+        pad_token_id=1,
+        hidden_size=16,
+        intermediate_size=37,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        vocab_size=1000,
+        projection_dim=16,
+        hidden_act="gelu",
+    )
+    torch.manual_seed(seed + 1)
+    text_encoder = CLIPTextModelWithProjection(clip_config)
+    torch.manual_seed(seed + 2)
+    text_encoder_2 = CLIPTextModelWithProjection(clip_config)
+    tokenizer_3 = tiny_tokenizer(max_length=256)
+    torch.manual_seed(seed + 3)
+    text_encoder_3 = T5EncoderModel(
+        T5Config(vocab_size=len(tokenizer_3), d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4)
+    )
+    torch.manual_seed(seed + 4)
+    vae = AutoencoderKL(
+        sample_size=32,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(4, 4),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=1,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        shift_factor=0.0609,
+        scaling_factor=1.5035,
+    )
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=CLIPTokenizer(model_max_length=77),
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=CLIPTokenizer(model_max_length=77),
+        text_encoder_3=text_encoder_3,
+        tokenizer_3=tokenizer_3,
+    )
+    return _eval(pipe, transformer, text_encoder, text_encoder_2, text_encoder_3, vae)

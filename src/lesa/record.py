@@ -161,6 +161,12 @@ def _check_finite(tensor: torch.Tensor, name: str, where: str) -> None:
         raise ValueError(f"{where}: tensor {name!r} holds NaN or inf; nothing was written for it")
 
 
+def _per_prompt(tensor: torch.Tensor) -> torch.Tensor:
+    """One prompt's part of a transformer call: the batch's only row, or, when the pipeline batches classifier-free
+    guidance into one call (SD3, PixArt: [uncond, cond]), the whole batch."""
+    return tensor[0] if tensor.shape[0] == 1 else tensor
+
+
 class _StreamingRecorder:
     """Observer that writes each step's tap and output straight into a shard (nothing kept in RAM)."""
 
@@ -176,7 +182,7 @@ class _StreamingRecorder:
             self.noise_written = True
         for kind, tensor in (("feature", event.tap), ("output", event.output)):
             name = f"{event.context}.{kind}"
-            piece = tensor.detach()[0].to("cpu", self.dtype)
+            piece = _per_prompt(tensor.detach()).to("cpu", self.dtype)
             _check_finite(piece, name, f"{self.where} step {event.step}")
             if name not in self.writer.layout:
                 raise RuntimeError(f"{self.where}: context {event.context!r} did not appear in the probe run")
@@ -192,8 +198,8 @@ class _ShapeProbe:
 
     def __call__(self, event: StepEvent) -> None:
         self.layout.setdefault("noise", (event.latents.dtype, tuple(event.latents.shape[1:])))
-        self.layout[f"{event.context}.feature"] = (self.dtype, tuple(event.tap.shape[1:]))
-        self.layout[f"{event.context}.output"] = (self.dtype, tuple(event.output.shape[1:]))
+        self.layout[f"{event.context}.feature"] = (self.dtype, tuple(_per_prompt(event.tap).shape))
+        self.layout[f"{event.context}.output"] = (self.dtype, tuple(_per_prompt(event.output).shape))
 
 
 def call_kwargs(settings: dict[str, Any], pipe) -> dict[str, Any]:

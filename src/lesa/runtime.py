@@ -69,6 +69,7 @@ class ContextState(BaseState):
     def __init__(self) -> None:
         self.policy: Policy | None = None
         self.step = 0  # index of the next call
+        self.num_steps: int | None = None  # steps of the generation in progress, when the scheduler tells
         self.last_sigma: float | None = None
         self.last_full: int | None = None
         # the call in progress
@@ -126,6 +127,7 @@ class CacheRuntime:
             sigmas = torch.as_tensor(sigmas).detach().float().cpu().flatten()
         state.policy = self.config.make_policy(name)
         state.policy.begin(sigmas)
+        state.num_steps = len(sigmas) - 1 if sigmas is not None else None
         state.step, state.last_sigma, state.last_full = 0, None, None
 
     def begin_call(self, args: tuple, kwargs: dict, dtype: torch.dtype | None = None) -> tuple[str, ContextState]:
@@ -139,8 +141,13 @@ class CacheRuntime:
         new_generation = (
             state.policy is None
             or context.step_index == 0
-            # pipelines that pass no step index: sigma rising again means a new generation began
-            or (context.step_index is None and state.last_sigma is not None and sigma > state.last_sigma + 1e-6)
+            # pipelines that pass no step index: sigma rising again, or a call past the last step, means a new
+            # generation began (models without diffusers' CacheMixin, e.g. SD3, never reset the hooks' state)
+            or (
+                context.step_index is None
+                and state.last_sigma is not None
+                and (sigma > state.last_sigma + 1e-6 or (state.num_steps is not None and state.step >= state.num_steps))
+            )
         )
         if new_generation:
             self._start_generation(context.name, state)

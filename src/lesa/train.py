@@ -270,7 +270,7 @@ class Trainer:
             if event.full:
                 return
             pred = event.tap if key == "feature" else event.output
-            target = targets[event.context][event.step].to(pred.device)
+            target = as_call_batch(targets[event.context][event.step], pred.dim()).to(pred.device)
             loss_sum = (pred.float() - target).abs().sum()
             count = batch_size * self._elements(f"{event.context}.{key}")
             losses.append(self._update(predictor, optimizer, state, loss_sum, count, self.cfg.lr_clar, total))
@@ -470,6 +470,15 @@ class Trainer:
             self.log(f"validation {name}: latent MSE {v['mse']:.3e}, PSNR {v['psnr']:.2f} dB")
         self.log(f"saved predictor (seed {best_seed}, best at {results[best_seed]['best_at']}) to {self.out}")
         return predictor
+
+
+def as_call_batch(per_prompt: torch.Tensor, dims: int) -> torch.Tensor:
+    """Recorded tensors of a batch of prompts, (prompt, ...), laid out as the transformer call's batch: a pipeline
+    that batches classifier-free guidance (recorded per prompt as (chunk, ...)) calls the transformer with the
+    chunks of all prompts in turn, [uncond x B, cond x B]."""
+    if per_prompt.dim() == dims + 1:
+        return per_prompt.transpose(0, 1).flatten(0, 1)
+    return per_prompt
 
 
 def one_step_errors(predictor: LESAPredictor, rec: Recording, indices: list[int]) -> dict[str, float]:
