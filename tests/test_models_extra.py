@@ -4,7 +4,13 @@ import pytest
 import torch
 
 import lesa
-from lesa.models import tiny_flux_pipeline, tiny_hunyuanvideo_pipeline, tiny_qwenimage_pipeline, tiny_wan_pipeline
+from lesa.models import (
+    tiny_flux_pipeline,
+    tiny_hunyuanvideo_pipeline,
+    tiny_qwenimage_pipeline,
+    tiny_sd3_pipeline,
+    tiny_wan_pipeline,
+)
 from lesa.predictor import LESAPredictor, PredictorConfig
 
 STEPS = 10
@@ -13,6 +19,7 @@ CASES = {
     "qwenimage": (tiny_qwenimage_pipeline, dict(height=32, width=32, negative_prompt="blurry", true_cfg_scale=4.0)),
     "hunyuanvideo": (tiny_hunyuanvideo_pipeline, dict(height=16, width=16, num_frames=5)),
     "wan": (tiny_wan_pipeline, dict(height=16, width=16, num_frames=5, guidance_scale=5.0, max_sequence_length=16)),
+    "sd3": (tiny_sd3_pipeline, dict(height=16, width=16, guidance_scale=5.0, max_sequence_length=16)),
 }
 
 
@@ -65,7 +72,8 @@ def test_n1_is_identical_and_counts_follow_the_schedule(pipes, name):
             lesa.enable(pipe, config)
             assert torch.equal(run(pipe, name), reference), (name, config.name)
             assert lesa.summary(pipe)["full_steps"] == STEPS
-        contexts = {"qwenimage": {"cond", "uncond"}, "wan": {"cond", "uncond"}, "hunyuanvideo": {"cond"}}[name]
+        two = {"cond", "uncond"}
+        contexts = {"qwenimage": two, "wan": two, "hunyuanvideo": {"cond"}, "sd3": {"default"}}[name]
         schedule = lesa.StepSchedule(interval=3, warmup=1)
         full = schedule.full_steps(STEPS)  # [0, 1, 4, 7]
         for config in (lesa.FORAConfig(interval=3, warmup=1), lesa.TaylorSeerConfig(interval=3, warmup=1)):
@@ -235,7 +243,6 @@ def test_the_hook_coexists_with_model_cpu_offload():
 def test_batched_cfg_is_recorded_per_prompt_in_the_call_layout(tmp_path):
     """SD3 batches [uncond, cond] into one transformer call: a recording keeps both chunks per prompt, and the
     closed-loop targets of a batch of prompts line up with the taps of the batched call."""
-    from lesa.models import tiny_sd3_pipeline
     from lesa.record import Recording, record
     from lesa.runtime import get_runtime
     from lesa.train import as_call_batch
