@@ -1,7 +1,7 @@
 """Side-by-side cost of full and cached transformer calls per method, and end-to-end wall-clock speed-up.
 
-Methods run interleaved in one process, several repeats, medians reported. The LESA predictor here is freshly
-initialised (its cost does not depend on its weights). Example:
+Methods run interleaved in one process, several repeats, medians reported. The "lesa" row is a freshly initialised
+predictor (its cost does not depend on its weights); `--predictor DIR` adds trained ones. Example:
 
     python benchmarks/step_cost.py --height 128 --width 128 --steps 50 --repeats 3
 """
@@ -44,16 +44,26 @@ def main() -> None:
     parser.add_argument("--interval", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--predictor", action="append", default=[], help="trained predictor(s) to time as well")
     args = parser.parse_args()
 
     pipe = load_pipeline(args.model)
     sched = dict(interval=args.interval, warmup=args.warmup)
+    trained = {}
+    for directory in args.predictor:
+        predictor = LESAPredictor.from_pretrained(directory)
+        if (predictor.config.interval, predictor.config.warmup) != (args.interval, args.warmup):
+            parser.error(f"{directory} is for N={predictor.config.interval}, E={predictor.config.warmup}")
+        trained[f"lesa ({predictor.config.memory} memory, K={max(predictor.config.windows)})"] = lesa.LESAConfig(
+            predictor=predictor
+        )
     methods = {
         "none": lesa.NoCacheConfig(),
         "fora": lesa.FORAConfig(**sched),
         "taylorseer O1": lesa.TaylorSeerConfig(order=1, **sched),
         "taylorseer O2": lesa.TaylorSeerConfig(order=2, **sched),
         "lesa": lesa.LESAConfig(predictor=untrained_predictor(pipe, args.steps, **sched)),
+        **trained,
     }
     call_times: dict[str, dict[bool, list[float]]] = {m: {True: [], False: []} for m in methods}
     totals: dict[str, list[float]] = {m: [] for m in methods}
@@ -108,7 +118,8 @@ def main() -> None:
             f"{cached_ms / (full_call * 1e3):.3f} |"
         )
     ts = statistics.median(call_times["taylorseer O1"][False])
-    print(f"LESA cached call / TaylorSeer O1 cached call: {statistics.median(call_times['lesa'][False]) / ts:.2f}")
+    for name in ["lesa", *trained]:
+        print(f"{name} cached call / TaylorSeer O1 cached call: {statistics.median(call_times[name][False]) / ts:.2f}")
 
 
 if __name__ == "__main__":

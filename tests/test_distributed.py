@@ -24,7 +24,10 @@ QUIET = dict(progress=False, log=lambda *_: None)
 STEPS = 10
 PROMPTS = [f"a distributed prompt {i}" for i in range(6)]
 # the CLI flags and the TrainConfig of the same training run
-TRAIN_FLAGS = "--epochs 2 --epochs-clar 1 --batch-size 3 --val-fraction 0.25 --kan-hidden 8,8 --interval 3 --warmup 2"
+TRAIN_FLAGS = (
+    "--recipe paper --epochs 2 --epochs-clar 1 --batch-size 3 --val-fraction 0.25 --kan-hidden 8,8 --interval 3 "
+    "--warmup 2"
+)
 TRAIN_CONFIG = dict(
     epochs_gt=2, epochs_clar=1, batch_size=3, val_fraction=0.25, kan_hidden=(8, 8), interval=3, warmup=2
 )
@@ -227,6 +230,17 @@ def test_two_ranks_train_both_phases_like_one_process(two_rank_run, one_process_
         assert (a["phase"], a["epoch"]) == (b["phase"], b["epoch"])
         assert a.get("train_l1", 0) == pytest.approx(b.get("train_l1", 0), rel=1e-5)
         assert a["val"]["mse"] == pytest.approx(b["val"]["mse"], rel=1e-4)
+
+
+def test_two_ranks_train_the_default_recipe_in_step(two_rank_run):
+    """The default recipe starts with the closed loop (no DDP phase whose construction would sync the replicas):
+    the ranks must start from, and keep, bit-identical weights."""
+    flags = "--epochs-clar 1 --batch-size 3 --val-fraction 0.25 --kan-hidden 8,8 --interval 3 --warmup 2"
+    trained = torchrun(["train", "--data", "rec", "--out", "pred-default", *flags.split()], two_rank_run["dir"])
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    log = json.loads((two_rank_run["dir"] / "pred-default" / "training_log.json").read_text())
+    assert log["config"]["memory"] == "full" and log["config"]["phases"] == ["clar"]
+    assert len(set(log["replica_digests"])) == 1
 
 
 def test_two_ranks_resume_a_checkpoint_cut_in_one_process(two_rank_run, one_process_run, pipe, tmp_path, monkeypatch):

@@ -176,3 +176,40 @@ def test_ablation_variants_one_expert_and_mlp_gain_start_at_the_first_difference
     torch.testing.assert_close(q.forecast(history, "cond", 7, torch.tensor(SIGMAS)), out)
     with pytest.raises(ValueError, match="gain"):
         make(gain="rnn")
+
+
+def test_coefficient_table_is_reused_until_a_weight_changes():
+    torch.manual_seed(0)
+    sigmas = torch.linspace(1, 0, 11)
+    config = PredictorConfig(
+        model_class="FluxTransformer2DModel",
+        tap="t",
+        num_steps=10,
+        sigmas=sigmas.tolist(),
+        feature_dim=4,
+        kan_hidden=[4],
+        interval=3,
+        warmup=1,
+    )
+    predictor = LESAPredictor(config)
+    first = predictor.coefficient_table("cond", sigmas)
+    assert predictor.coefficient_table("cond", sigmas) is first  # the same schedule: computed once
+    with torch.no_grad():
+        predictor.experts["cond"][0].mix.weight.mul_(2.0)  # an in-place update, as an optimiser step makes
+    second = predictor.coefficient_table("cond", sigmas)
+    assert second is not first and second != first
+    other = predictor.coefficient_table("cond", torch.linspace(1, 0.1, 11))
+    assert other != second and predictor.coefficient_table("cond", sigmas) == second
+
+
+def test_saved_files_get_the_usual_permissions(tmp_path):
+    import os
+    import stat
+
+    sigmas = torch.linspace(1, 0, 11).tolist()
+    config = PredictorConfig(model_class="M", tap="t", num_steps=10, sigmas=sigmas, feature_dim=4, kan_hidden=[4])
+    LESAPredictor(config).save_pretrained(tmp_path)
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ("config.json", "model.safetensors"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o666 & ~umask, name

@@ -194,3 +194,64 @@ def test_training_needs_a_held_out_trajectory(pipe, recording, tmp_path):
         split_indices(1, 0.2)
     train, val = split_indices(10, 0.2)
     assert len(val) == 2 and not set(train) & set(val)
+
+
+def test_full_step_memory_starts_exactly_at_damped_taylorseer(pipe, recording, tmp_path):
+    """memory "full" + gain_init "damped": before training, the predictor is TaylorSeer O1 with the damping fitted on
+    the training trajectories; its history holds full-step features only."""
+    from conftest import generate
+
+    import lesa
+    from lesa.calibrate import fit_damping
+    from lesa.schedule import StepSchedule
+
+    config = TrainConfig(memory="full", gain_init="damped", windows=(3, 3, 3), history=3, val_fraction=0.25)
+    trainer = Trainer(recording, pipe, tmp_path / "p", config, **QUIET)
+    predictor = trainer.new_predictor(0)
+    g = fit_damping(recording, StepSchedule(7, 3), trainer.train_idx)
+    assert trainer.damping == pytest.approx(g) and predictor.config.gain_bias == pytest.approx(g)
+    assert predictor.past_steps(20) == [3, 10, 17]  # the last three full steps (0, 1, 2, 3, 10, 17, ...)
+    assert predictor.reach(20) == pytest.approx(3 / 7) and predictor.reach(5) == pytest.approx(2 / 1)
+    try:
+        lesa.enable(pipe, lesa.LESAConfig(predictor=predictor))
+        ours = generate(pipe)
+        lesa.enable(pipe, lesa.TaylorSeerConfig(interval=7, warmup=3, order=1, damping=g))
+        damped = generate(pipe)
+        lesa.enable(pipe, lesa.TaylorSeerConfig(interval=7, warmup=3, order=1))
+        plain = generate(pipe)
+    finally:
+        lesa.disable(pipe)
+    assert (ours - damped).abs().max() < 1e-4 < (ours - plain).abs().max()
+    with pytest.raises(ValueError, match="needs memory 'full'"):
+        TrainConfig(gain_init="damped")
+    with pytest.raises(ValueError, match="loss must be one of step, cycle"):
+        TrainConfig(loss="trajectory")
+
+
+def test_cycle_loss_updates_once_per_cache_cycle_and_selects_by_psnr(pipe, recording, tmp_path):
+    config = TrainConfig(
+        memory="full",
+        gain_init="damped",
+        windows=(3, 3, 3),
+        history=3,
+        phases=("clar",),
+        epochs_clar=2,
+        loss="cycle",
+        target="output",
+        select="psnr",
+        batch_size=3,
+        kan_hidden=(8,),
+        val_fraction=0.25,
+    )
+    trainer = Trainer(recording, pipe, tmp_path / "p", config, **QUIET)
+    # 50 steps, N = 7, E = 3: cycles after full steps 3, 10, 17, 24, 31, 38, 45 -> 7 cycles, one context
+    assert trainer._updates_per_rollout("clar") == 7 and trainer._updates_per_rollout("gt") == 40
+    start = {k: v.clone() for k, v in trainer.new_predictor(0).state_dict().items()}
+    trained = trainer.run()
+    assert any(not torch.equal(v, trained.state_dict()[k]) for k, v in start.items())
+    log = json.loads((tmp_path / "p" / "training_log.json").read_text())
+    seed_log = log["seeds"]["0"]
+    assert seed_log["best"]["psnr"] == max(e["val"]["psnr"] for e in seed_log["log"])
+    damped = next(k for k in log["validation"] if k.startswith("TaylorSeer O1 damped"))
+    # the kept predictor is no worse than where it started: damped TaylorSeer on the same held-out trajectories
+    assert log["validation"]["LESA (this predictor)"]["psnr"] >= log["validation"][damped]["psnr"] - 1e-3

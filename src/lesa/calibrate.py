@@ -97,3 +97,52 @@ def search_threshold(
         else:
             high = mid
     return best
+
+
+def forecast_errors(recording: Recording, damping: float, indices: Iterable[int] | None = None) -> torch.Tensor:
+    """E[p, a, s]: mean squared error (per element, over trajectories and contexts) of damped TaylorSeer O1 forecasting
+    step s from full steps p < a < s, F(a) + g * (s - a) / (a - p) * (F(a) - F(p)); zero where p < a < s fails."""
+    num_steps = len(recording.sigmas) - 1
+    errors = torch.zeros(num_steps, num_steps, num_steps, dtype=torch.float64)
+    count = 0
+    for features in _trajectories(recording, indices):
+        x = features.float().flatten(1)  # (steps, elements)
+        for a in range(1, num_steps - 1):
+            after = x[a + 1 :]  # targets s = a+1 .. end
+            distance = torch.arange(1, num_steps - a, dtype=torch.float32)[:, None]
+            for p in range(a):
+                slope = (x[a] - x[p]) * (damping / (a - p))
+                errors[p, a, a + 1 :] += ((x[a] + distance * slope - after) ** 2).mean(1).double()
+        count += 1
+    if count == 0:
+        raise ValueError(f"{recording.dir}: no trajectories to search a schedule on")
+    return errors / count
+
+
+def search_schedule(errors: torch.Tensor, full_steps: int, warmup: int) -> list[int]:
+    """The full steps (warmup steps 0..E included, `full_steps` in all) that minimise the summed forecast error of
+    the cached steps, by dynamic programming over (previous full step, last full step): a cached step s is forecast
+    from the last two full steps before it, with cost `errors[p, a, s]` (see `forecast_errors`)."""
+    num_steps = errors.shape[-1]
+    free = full_steps - (warmup + 1)
+    if warmup < 1 or free < 0 or full_steps > num_steps:
+        raise ValueError(f"cannot place {full_steps} full steps in {num_steps} with steps 0..{warmup} always full")
+    # cost[p, a, b]: cached steps a+1 .. b-1 between full steps a and b (b = num_steps: to the end)
+    cumulative = torch.cat([torch.zeros(num_steps, num_steps, 1, dtype=errors.dtype), errors.cumsum(-1)], -1)
+    start = (warmup - 1, warmup)
+    best = {start: (0.0, [])}  # (p, a) -> (cost so far, chosen steps) with the same number chosen
+    finished = []
+    for used in range(free + 1):
+        nxt: dict[tuple[int, int], tuple[float, list[int]]] = {}
+        for (p, a), (cost, chosen) in best.items():
+            tail = float(cumulative[p, a, num_steps] - cumulative[p, a, a + 1])
+            if used == free:
+                finished.append((cost + tail, chosen))
+                continue
+            for b in range(a + 1, num_steps):
+                c = cost + float(cumulative[p, a, b] - cumulative[p, a, a + 1])
+                if (a, b) not in nxt or c < nxt[(a, b)][0]:
+                    nxt[(a, b)] = (c, [*chosen, b])
+        best = nxt
+    _, chosen = min(finished, key=lambda item: item[0])
+    return [*range(warmup + 1), *chosen]

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from .evaluate.methods import FAMILIES
+from .train import DEFAULT_RECIPE, RECIPES
 
 
 def _pipeline_args(p: argparse.ArgumentParser, model_help: str, offload: bool = True) -> None:
@@ -62,11 +63,17 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("--out", required=True, help="predictor directory to write (resumed from its checkpoints)")
     tr.add_argument("--interval", type=int, default=7, help="N: a full step every N steps")
     tr.add_argument("--warmup", type=int, default=3, help="E: steps 0..E are full")
-    tr.add_argument("--phases", default="gt,clar", help="comma-separated: gt, clar")
-    tr.add_argument("--epochs", type=int, default=3, help="epochs of phase gt")
-    tr.add_argument("--epochs-clar", type=int, default=10, help="epochs of phase clar (our calibration: >= 10)")
+    tr.add_argument(
+        "--recipe",
+        choices=tuple(RECIPES),
+        default=DEFAULT_RECIPE,
+        help="named training settings; the options below override them (paper: the faithful reproduction)",
+    )
+    tr.add_argument("--phases", default=None, help="comma-separated: gt, clar")
+    tr.add_argument("--epochs", type=int, default=None, help="epochs of phase gt")
+    tr.add_argument("--epochs-clar", type=int, default=None, help="epochs of phase clar")
     tr.add_argument("--lr-gt", type=float, default=1e-3)
-    tr.add_argument("--lr-clar", type=float, default=3e-3)
+    tr.add_argument("--lr-clar", type=float, default=None)
     tr.add_argument("--lr-min", type=float, default=1e-4)
     tr.add_argument("--batch-size", type=int, default=8, help="trajectories per minibatch")
     tr.add_argument("--val-fraction", type=float, default=0.2)
@@ -75,7 +82,7 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument(
         "--target",
         choices=("feature", "output"),
-        default="feature",
+        default=None,
         help="closed-loop loss on the tapped feature (paper) or on the transformer output",
     )
     tr.add_argument(
@@ -83,9 +90,30 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="stage thresholds on sigma (default: the model's, 0.9,0.5; Qwen-Image 0.9,0.4)",
     )
-    tr.add_argument("--windows", default="4,8,8", help="history window K per stage")
+    tr.add_argument("--windows", default=None, help="history window K per stage (paper: 4,8,8)")
     tr.add_argument("--kan-hidden", default="256,256", help="hidden widths of the gain KAN")
     tr.add_argument("--gain", choices=("kan", "mlp"), default="kan", help="temporal gain network (mlp: ablation)")
+    tr.add_argument(
+        "--memory",
+        choices=("steps", "full"),
+        default=None,
+        help="history of the last K features, forecasts included (paper), or of the last K full-step features",
+    )
+    tr.add_argument(
+        "--gain-init",
+        choices=("zero", "damped"),
+        default=None,
+        help="start at reuse (paper) or at TaylorSeer O1 with the damping fitted on the recording (memory full)",
+    )
+    tr.add_argument(
+        "--loss",
+        choices=("step", "cycle"),
+        default=None,
+        help="closed-loop loss per cached step (paper) or integrated over each cache cycle",
+    )
+    tr.add_argument(
+        "--select", choices=("mse", "psnr"), default=None, help="held-out score that picks the kept checkpoint"
+    )
     tr.add_argument("--restart", action="store_true", help="ignore existing checkpoints in --out")
 
     gen = sub.add_parser("generate", help="generate an image or a video, accelerated")
@@ -200,24 +228,32 @@ def _train(args) -> int:
     from .train import TrainConfig, Trainer
 
     rec = Recording(args.data)
-    config = TrainConfig(
-        interval=args.interval,
-        warmup=args.warmup,
-        phases=tuple(p.strip() for p in args.phases.split(",")),
+    explicit = dict(
+        phases=None if args.phases is None else tuple(p.strip() for p in args.phases.split(",")),
         epochs_gt=args.epochs,
         epochs_clar=args.epochs_clar,
-        lr_gt=args.lr_gt,
         lr_clar=args.lr_clar,
+        target=args.target,
+        windows=None if args.windows is None else _ints(args.windows, "windows"),
+        memory=args.memory,
+        gain_init=args.gain_init,
+        loss=args.loss,
+        select=args.select,
+    )
+    config = TrainConfig.from_recipe(
+        args.recipe,
+        interval=args.interval,
+        warmup=args.warmup,
+        lr_gt=args.lr_gt,
         lr_min=args.lr_min,
         batch_size=args.batch_size,
         val_fraction=args.val_fraction,
         seeds=args.seeds,
         seed=args.seed,
-        target=args.target,
         thresholds=None if args.thresholds is None else _floats(args.thresholds, "thresholds"),
-        windows=_ints(args.windows, "windows"),
         kan_hidden=_ints(args.kan_hidden, "kan-hidden"),
         gain=args.gain,
+        **{k: v for k, v in explicit.items() if v is not None},
     )
     model = args.model or rec.settings["model"]
     dist = init_distributed(args.device)  # under torchrun: join the group; alone: nothing happens

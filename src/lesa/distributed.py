@@ -168,6 +168,19 @@ def all_reduce_gradients(module: torch.nn.Module) -> None:
         offset += n
 
 
+def broadcast_parameters(module: torch.nn.Module) -> None:
+    """Give every rank rank 0's parameters, in place (a fresh initialisation can differ in the last bits between
+    processes: BLAS results depend on memory alignment)."""
+    if not current().distributed:
+        return
+    device = _collective_device()
+    with torch.no_grad():
+        for p in module.parameters():
+            buffer = p.detach().to(device).clone()
+            dist.broadcast(buffer, src=0)
+            p.copy_(buffer.to(p.device))
+
+
 def replicas_differ(module: torch.nn.Module) -> float:
     """The largest absolute difference of this rank's parameters from rank 0's, maximised over ranks (0.0 when the
     replicas agree bit for bit, or with one process)."""

@@ -14,6 +14,7 @@ rank 0 alone reads and writes checkpoints and the predictor.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -28,6 +29,7 @@ from tqdm.auto import tqdm
 
 from . import disable, distributed, enable
 from .adapters import get_adapter
+from .calibrate import fit_damping
 from .config import CacheConfig, FORAConfig, LESAConfig, TaylorSeerConfig
 from .io import atomic_path, atomic_write_text
 from .predictor import LESAPredictor, PredictorConfig
@@ -37,6 +39,45 @@ from .schedule import StepSchedule
 
 PHASES = ("gt", "clar")
 TARGETS = ("feature", "output")
+CHOICES = {
+    "memory": ("steps", "full"),
+    "gain_init": ("zero", "damped"),
+    "loss": ("step", "cycle"),
+    "select": ("mse", "psnr"),
+}
+
+
+# Named settings of `lesa train --recipe` (explicit options override them). "paper" is the faithful reproduction of
+# arXiv 2602.20497; "calibrated" starts from damped TaylorSeer O1 on a memory of full-step features and trains
+# against the error integrated over each cache cycle (BENCHMARKS.md, "Beyond the paper").
+RECIPES: dict[str, dict[str, Any]] = {
+    "paper": dict(
+        memory="steps",
+        gain_init="zero",
+        loss="step",
+        target="feature",
+        select="mse",
+        phases=PHASES,
+        epochs_gt=3,
+        epochs_clar=10,
+        lr_clar=3e-3,
+        windows=(4, 8, 8),
+        history=8,
+    ),
+    "calibrated": dict(
+        memory="full",
+        gain_init="damped",
+        loss="cycle",
+        target="feature",
+        select="psnr",
+        phases=("clar",),
+        epochs_clar=4,
+        lr_clar=3e-3,
+        windows=(3, 3, 3),
+        history=3,
+    ),
+}
+DEFAULT_RECIPE = "calibrated"
 
 
 @dataclass
@@ -63,6 +104,10 @@ class TrainConfig:
     history: int = 8
     kan_hidden: tuple[int, ...] = (256, 256)
     gain: str = "kan"
+    memory: str = "steps"  # what the history holds: "steps" (paper) or "full" (full-step features only)
+    gain_init: str = "zero"  # "damped": start at TaylorSeer O1 with the damping fitted on the training trajectories
+    loss: str = "step"  # closed loop: "step" (each cached step) or "cycle" (the error integrated over a cache cycle)
+    select: str = "mse"  # held-out score that picks the kept checkpoint: final-latent "mse" or "psnr"
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -71,6 +116,11 @@ class TrainConfig:
             raise ValueError(f"unknown phase(s) {unknown or self.phases}; phases are {', '.join(PHASES)}")
         if self.target not in TARGETS:
             raise ValueError(f"unknown loss target {self.target!r}; targets are {', '.join(TARGETS)}")
+        for name, allowed in CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        if self.gain_init == "damped" and self.memory != "full":
+            raise ValueError("gain_init 'damped' starts the predictor at TaylorSeer O1, which needs memory 'full'")
         if not 0 < self.val_fraction < 1:
             raise ValueError(f"val_fraction must lie in (0, 1), got {self.val_fraction}")
 
@@ -79,6 +129,21 @@ class TrainConfig:
         data = asdict(self)
         data.pop("seeds")
         return json.loads(json.dumps(data))
+
+    @classmethod
+    def from_recipe(cls, recipe: str = DEFAULT_RECIPE, **overrides: Any) -> TrainConfig:
+        """A config with a named recipe's settings (RECIPES), then `overrides`; the dataclass defaults alone are the
+        paper's settings."""
+        if recipe not in RECIPES:
+            raise ValueError(f"unknown recipe {recipe!r}; recipes are {', '.join(RECIPES)}")
+        settings = {**RECIPES[recipe], **overrides}
+        if "windows" in overrides and "history" not in overrides:  # the history is as long as the largest window
+            settings["history"] = max(settings["windows"])
+        return cls(**settings)
+
+    def better(self, a: dict[str, float], b: dict[str, float]) -> bool:
+        """Whether held-out score `a` beats `b` by the `select` criterion."""
+        return a["psnr"] > b["psnr"] if self.select == "psnr" else a["mse"] < b["mse"]
 
 
 def split_indices(n: int, val_fraction: float) -> tuple[list[int], list[int]]:
@@ -163,9 +228,25 @@ class Trainer:
             kan_hidden=list(self.cfg.kan_hidden),
             gain=self.cfg.gain,
             target=self.cfg.target,
+            memory=self.cfg.memory,
+            gain_bias=self.damping if self.cfg.gain_init == "damped" else 0.0,
             base_model=self.settings["model"],
         )
-        return LESAPredictor(config).to(self.device)
+        predictor = LESAPredictor(config)
+        if self.cfg.gain_init == "damped":  # exactly damped TaylorSeer O1 until trained
+            for experts in predictor.experts.values():
+                for expert in experts:
+                    expert.zero_gain()
+        return predictor.to(self.device)
+
+    @functools.cached_property
+    def damping(self) -> float:
+        """TaylorSeer O1's damping g fitted on the training trajectories (closed-form least squares); 1 when no
+        cached step has two full steps before it (a few-step schedule: every forecast is then the last feature)."""
+        try:
+            return fit_damping(self.rec, self.schedule, self.train_idx)
+        except ValueError:
+            return 1.0
 
     def _update(
         self,
@@ -226,15 +307,22 @@ class Trainer:
         b = self.cfg.batch_size
         return [order[i : i + b] for i in range(0, len(order), b)]
 
-    def _updates_per_epoch(self) -> int:
-        batches = math.ceil(len(self.train_idx) / self.cfg.batch_size)
-        return batches * len(self.cached_steps) * len(self.rec.contexts)
+    def _updates_per_rollout(self, phase: str) -> int:
+        """Updates per minibatch: one per cached step and context, or with the cycle loss of phase clar one per cache
+        cycle (run of cached steps) and context."""
+        if phase == "clar" and self.cfg.loss == "cycle":
+            steps = [s for s in self.cached_steps if s - 1 not in self.cached_steps]
+        else:
+            steps = self.cached_steps
+        return len(steps) * len(self.rec.contexts)
+
+    def _updates_per_epoch(self, phase: str) -> int:
+        return math.ceil(len(self.train_idx) / self.cfg.batch_size) * self._updates_per_rollout(phase)
 
     # -- phases ------------------------------------------------------------------------------------------------------
     def gt_epoch(self, predictor, optimizer, state, epoch_seed: int, total: int, desc: str) -> float:
         """Teacher forcing: the history always holds recorded features; no transformer call."""
         losses = []
-        history = self.cfg.history
         ddp = self.dist.distributed
         # every forecast uses one expert of one context: the other parameters get no gradient in that update
         model = (
@@ -249,7 +337,7 @@ class Trainer:
                 feats = self._stack(data, key)
                 count = len(batch) * self._elements(key)
                 for s in self.cached_steps:
-                    past = [feats[j] for j in range(max(0, s - history), s)]
+                    past = [feats[j] for j in predictor.past_steps(s)]
                     pred = model(past, ctx, s, self.sigmas)
                     loss_sum = (pred - feats[s]).abs().sum()
                     losses.append(
@@ -266,14 +354,32 @@ class Trainer:
         key = "feature" if self.cfg.target == "feature" else "output"
         batch_size = 0
 
+        # loss "cycle": per context, the dt-weighted error summed over the cached steps since the last full step
+        pending: dict[str, tuple[torch.Tensor, float]] = {}
+        step_sizes = (self.sigmas[:-1] - self.sigmas[1:]).abs().tolist()
+
+        def update(context: str, loss_sum: torch.Tensor) -> None:
+            count = batch_size * self._elements(f"{context}.{key}")
+            losses.append(self._update(predictor, optimizer, state, loss_sum, count, self.cfg.lr_clar, total))
+
+        def flush(context: str) -> None:
+            if context in pending:
+                error, weight = pending.pop(context)
+                with torch.enable_grad():  # a full step's event comes inside the pipeline's no_grad
+                    update(context, (error / weight).abs().sum())
+
         def observer(event: StepEvent) -> None:
             if event.full:
+                flush(event.context)
                 return
             pred = event.tap if key == "feature" else event.output
             target = as_call_batch(targets[event.context][event.step], pred.dim()).to(pred.device)
-            loss_sum = (pred.float() - target).abs().sum()
-            count = batch_size * self._elements(f"{event.context}.{key}")
-            losses.append(self._update(predictor, optimizer, state, loss_sum, count, self.cfg.lr_clar, total))
+            if self.cfg.loss == "step":
+                update(event.context, (pred.float() - target).abs().sum())
+            else:
+                error, weight = pending.get(event.context, (0.0, 0.0))
+                w = step_sizes[event.step]
+                pending[event.context] = (error + w * (pred.float() - target), weight + w)
 
         config = LESAConfig(predictor=predictor, differentiable=True, count_flops=False)
         transformer = self.pipe.transformer
@@ -281,7 +387,7 @@ class Trainer:
         transformer.requires_grad_(False)
         enable(self.pipe, config)
         get_runtime(transformer).observers.append(observer)
-        updates = len(self.cached_steps) * len(self.rec.contexts)
+        updates = self._updates_per_rollout("clar")
         try:
             for batch in tqdm(
                 self._batches(self.train_idx, epoch_seed), desc=desc, disable=not self.progress, leave=False
@@ -294,10 +400,12 @@ class Trainer:
                     for ctx in self.rec.contexts:
                         targets[ctx] = torch.stack([d[f"{ctx}.{key}"] for d in data], 1).float()
                     self._run(share, data)
+                    for ctx in list(pending):
+                        flush(ctx)
                     if len(losses) - before != updates:
                         raise RuntimeError(
                             f"a closed-loop rollout made {len(losses) - before} updates, expected {updates} "
-                            f"({len(self.cached_steps)} cached steps x {len(self.rec.contexts)} contexts)"
+                            f"(loss {self.cfg.loss!r}, {len(self.rec.contexts)} contexts)"
                         )
                 else:  # nothing to roll out here: join the other ranks' gradient sums with no contribution
                     count = batch_size * self._elements(f"{self.rec.contexts[0]}.{key}")  # only scales the logged loss
@@ -343,6 +451,7 @@ class Trainer:
     def train_seed(self, seed: int) -> dict[str, Any]:
         ckpt_path = self.out / "checkpoints" / f"seed{seed}.pt"
         predictor = self.new_predictor(seed)
+        distributed.broadcast_parameters(predictor)  # bit-identical replicas from the start, whatever the phase
         fingerprint = self.cfg.fingerprint()
         # rank 0 reads the checkpoint and hands it to every rank: the replicas resume from the same state
         ckpt = distributed.on_main(
@@ -374,7 +483,7 @@ class Trainer:
                 continue
             # a fresh optimizer and learning-rate schedule for every phase (never the previous phase's)
             optimizer = torch.optim.AdamW(predictor.parameters(), lr=peaks[phase], weight_decay=self.cfg.weight_decay)
-            total = epochs[phase] * self._updates_per_epoch()
+            total = epochs[phase] * self._updates_per_epoch(phase)
             state, start = {"t": 0}, 1
             if resuming:
                 optimizer.load_state_dict(ckpt["optimizer"])
@@ -394,7 +503,7 @@ class Trainer:
                         "lr": optimizer.param_groups[0]["lr"],
                     }
                 )
-                better = val["mse"] < ckpt["best"]["mse"]
+                better = self.cfg.better(val, ckpt["best"])
                 if better:
                     ckpt.update(best=val, best_state=_cpu_state(predictor), best_at=f"{phase} {epoch}")
                 self.log(
@@ -438,7 +547,10 @@ class Trainer:
         results = {}
         for seed in range(self.cfg.seed, self.cfg.seed + self.cfg.seeds):
             results[seed] = self.train_seed(seed)
-        best_seed = min(results, key=lambda s: results[s]["best"]["mse"])
+        best_seed = self.cfg.seed
+        for seed, result in results.items():
+            if self.cfg.better(result["best"], results[best_seed]["best"]):
+                best_seed = seed
         predictor = self.new_predictor(best_seed)
         predictor.load_state_dict(results[best_seed]["best_state"])
         predictor.eval()
@@ -448,8 +560,10 @@ class Trainer:
         baselines = {
             "FORA": self.closed_loop_error(FORAConfig(**sched)),
             "TaylorSeer O1": self.closed_loop_error(TaylorSeerConfig(order=1, **sched)),
-            "LESA (this predictor)": self.score(predictor),
         }
+        damped = TaylorSeerConfig(order=1, damping=self.damping, **sched)
+        baselines[f"TaylorSeer O1 damped (g {self.damping:.3f})"] = self.closed_loop_error(damped)
+        baselines["LESA (this predictor)"] = self.score(predictor)
         summary = {
             "best_seed": best_seed,
             "seeds": {s: {"best": r["best"], "best_at": r["best_at"], "log": r["log"]} for s, r in results.items()},
@@ -500,7 +614,7 @@ def one_step_errors(predictor: LESAPredictor, rec: Recording, indices: list[int]
                     last = max(f for f in full if f < s)
                     before = [f for f in full if f < last]
                     slope = (feats[last] - feats[before[-1]]) / (last - before[-1]) if before else 0
-                    past = [feats[j] for j in range(max(0, s - pc.history), s)]
+                    past = [feats[j] for j in predictor.past_steps(s)]
                     guesses = {
                         "lesa": predictor.forecast(past, ctx, s, sigmas),
                         "fora": feats[last],
@@ -539,6 +653,8 @@ def model_card(predictor: LESAPredictor, summary: dict, rec: Recording) -> str:
         for s, r in summary["seeds"].items()
     )
     cfg = summary["config"]
+    memory = "the last K full-step features" if pc.memory == "full" else "the last K features"
+    start = "started at damped TaylorSeer O1" if cfg.get("gain_init") == "damped" else "started at reuse"
     return f"""---
 library_name: lesa
 tags: [lesa, diffusion, caching, {pc.model_class}]
@@ -552,12 +668,14 @@ skipped and this predictor forecasts the tapped feature ({pc.tap}).
 - Schedule: {pc.num_steps} steps, interval N = {pc.interval}, warm-up E = {pc.warmup}: {full} full steps
   ({pc.num_steps / full:.2f}x fewer trunk executions)
 - Stages: thresholds {pc.thresholds} on sigma, windows K = {pc.windows}, history {pc.history}, contexts {pc.contexts}
+- Memory: {pc.memory} ({memory}); gain offset {pc.gain_bias:.4f} ({start})
 - Parameters: {predictor.num_parameters():,}
 - Training data: {summary["train_trajectories"]} training and {summary["val_trajectories"]} held-out trajectories
   from `{rec.dir}` ({len(rec)} prompts recorded at {rec.settings.get("height")}x{rec.settings.get("width")})
 - Training: phases {", ".join(cfg["phases"])}; gt {cfg["epochs_gt"]} epochs at lr {cfg["lr_gt"]}, clar
-  {cfg["epochs_clar"]} epochs at lr {cfg["lr_clar"]} (cosine to {cfg["lr_min"]}); loss target {cfg["target"]};
-  batch {cfg["batch_size"]}; kept: seed {summary["best_seed"]}
+  {cfg["epochs_clar"]} epochs at lr {cfg["lr_clar"]} (cosine to {cfg["lr_min"]}); loss target {cfg["target"]}, per
+  {cfg.get("loss", "step")}; batch {cfg["batch_size"]}; checkpoint by held-out {cfg.get("select", "mse")}; kept: seed
+  {summary["best_seed"]}
 
 ## Measured validation error (held-out trajectories, closed loop, same schedule)
 Error of the final latent against the unaccelerated run from the same noise (lower MSE / higher PSNR is better).

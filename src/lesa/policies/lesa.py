@@ -9,8 +9,8 @@ from .base import Policy
 
 
 class LESAPolicy(Policy):
-    """History of the last tapped features (computed or forecast) of one cache context: only as many as the largest
-    stage window K needs, in the dtype the runtime hands over (the model's).
+    """History of the last tapped features of one cache context (computed or forecast; with the predictor's memory
+    "full" computed only): as many as the largest stage window K needs, in the dtype the runtime hands over.
 
     Inference computes each step's coefficients once per schedule and forecasts in the feature dtype. With
     `differentiable=True` (closed-loop training) a forecast carries gradients to the predictor's weights; the history
@@ -27,6 +27,7 @@ class LESAPolicy(Policy):
         self.sigmas: torch.Tensor | None = None
         self.table: list[tuple[list[float], float]] | None = None
         self.keep = max(predictor.config.windows)
+        self.remember_forecasts = predictor.config.memory == "steps"
 
     def begin(self, sigmas: torch.Tensor | None) -> None:
         self.history = []
@@ -56,13 +57,15 @@ class LESAPolicy(Policy):
         if not self.differentiable:
             coeffs, offset = self.table[step]
             out = LESAPredictor.apply_coefficients(self.history, coeffs, offset)
-            self._push(out)
+            if self.remember_forecasts:
+                self._push(out)
             return out
         dtype = self.history[-1].dtype
         with torch.enable_grad():
             out = self.predictor.forecast([h.float() for h in self.history], self.context, step, self.sigmas)
             out = out.to(dtype)
-        self._push(out.detach())
+        if self.remember_forecasts:
+            self._push(out.detach())
         return out
 
     def forecast_flops(self, numel: int) -> int:

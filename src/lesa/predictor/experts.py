@@ -31,10 +31,17 @@ class StageExpert(nn.Module):
     """One noise stage: z = Linear(K -> 1) over each element's K history values; alpha = KAN(sigma_now - sigmas)."""
 
     def __init__(
-        self, window: int, schedule_length: int, kan_hidden: tuple[int, ...], gain: str = "kan", **kan_kwargs
+        self,
+        window: int,
+        schedule_length: int,
+        kan_hidden: tuple[int, ...],
+        gain: str = "kan",
+        gain_bias: float = 0.0,
+        **kan_kwargs,
     ) -> None:
         super().__init__()
         self.window = window
+        self.gain_bias = gain_bias
         self.mix = nn.Linear(window, 1)
         if gain == "kan":
             self.gain = KAN([schedule_length, *kan_hidden, 1], **kan_kwargs)
@@ -55,10 +62,19 @@ class StageExpert(nn.Module):
             if window > 1:
                 self.mix.weight[0, -2] = -1.0
 
+    @torch.no_grad()
+    def zero_gain(self) -> None:
+        """Make the gain network output exactly 0 (its last layer zeroed): alpha starts at `gain_bias`."""
+        last = self.gain[-1]
+        # KAN: the base path and the spline coefficients (not their scaler, or the spline would get no gradient)
+        for name in ("weight", "bias", "base_weight", "spline_weight"):
+            if getattr(last, name, None) is not None:
+                getattr(last, name).zero_()
+
     def alpha(self, sigma_now: float, sigmas: torch.Tensor) -> torch.Tensor:
         """The scalar temporal gain for the current step (a 0-d tensor)."""
         x = (sigma_now - sigmas.to(self.mix.weight)).unsqueeze(0)
-        return self.gain(x).reshape(())
+        return self.gain(x).reshape(()) + self.gain_bias
 
     def coefficients(self, sigma_now: float, sigmas: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(c, c0) such that forecast = h[-1] + c0 + sum_k c[k] * h[k]: the gain folded into the filter."""

@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..io import atomic_path, atomic_write_text
+from ..schedule import StepSchedule
 from .experts import StageExpert, pad_window, stage_of
 
 CONFIG_NAME = "config.json"
@@ -42,6 +43,10 @@ class PredictorConfig:
     spline_order: int = 3
     grid_range: list[float] = field(default_factory=lambda: [-3.0, 3.0])
     target: str = "feature"
+    # "steps": the last K features, forecasts included (paper); "full": the last K full-step features, each
+    # forecast scaled by its extrapolation distance (step - f0) / (f0 - f1) as TaylorSeer O1 is
+    memory: str = "steps"
+    gain_bias: float = 0.0  # constant added to the gain network's output (a calibrated start, e.g. the damping)
     base_model: str = ""
     format_version: int = FORMAT_VERSION
 
@@ -55,6 +60,8 @@ class PredictorConfig:
             raise ValueError(f"thresholds must decrease strictly, got {self.thresholds}")
         if min(self.windows) < 1 or max(self.windows) > self.history:
             raise ValueError(f"every window K must lie in 1..history={self.history}, got {self.windows}")
+        if self.memory not in ("steps", "full"):
+            raise ValueError(f"memory must be 'steps' or 'full', got {self.memory!r}")
         if self.gain not in ("kan", "mlp"):
             raise ValueError(f"gain must be 'kan' or 'mlp', got {self.gain!r}")
         if len(self.sigmas) < self.num_steps:
@@ -81,9 +88,10 @@ class PredictorConfig:
 class LESAPredictor(nn.Module):
     """Forecasts the tapped feature of a cached step from the last K features of the same cache context.
 
-    forecast = h[-1] + alpha(step) * (w . h[-K:] + b), with (w, b) and the KAN behind alpha chosen by the stage of the
-    current sigma. Master weights stay fp32; at inference the forecast runs in the feature's own dtype with the
-    per-step coefficients computed once per sigma schedule.
+    forecast = h[-1] + r(step) * alpha(step) * (w . h[-K:] + b), with (w, b) and the KAN behind alpha chosen by the
+    stage of the current sigma; h holds the last K features (memory "steps", r = 1) or the last K full-step features
+    (memory "full", r = the extrapolation distance). Master weights stay fp32; at inference the forecast runs in the
+    feature's own dtype with the per-step coefficients computed once per sigma schedule.
     """
 
     def __init__(self, config: PredictorConfig) -> None:
@@ -95,14 +103,38 @@ class LESAPredictor(nn.Module):
         self.experts = nn.ModuleDict(
             {
                 ctx: nn.ModuleList(
-                    StageExpert(k, len(config.sigmas), tuple(config.kan_hidden), gain=config.gain, **kan_kwargs)
+                    StageExpert(
+                        k,
+                        len(config.sigmas),
+                        tuple(config.kan_hidden),
+                        gain=config.gain,
+                        gain_bias=config.gain_bias,
+                        **kan_kwargs,
+                    )
                     for k in config.windows
                 )
                 for ctx in config.contexts
             }
         )
 
+        schedule = StepSchedule(config.interval, config.warmup, tuple(config.forced_full_steps))
+        self.full_steps = schedule.full_steps(config.num_steps)
+
     # -- routing and coefficients -------------------------------------------------------------------------------
+    def past_steps(self, step: int) -> list[int]:
+        """The steps whose features the forecast of `step` reads, oldest first."""
+        if self.config.memory == "full":
+            return [f for f in self.full_steps if f < step][-self.config.history :]
+        return list(range(max(0, step - self.config.history), step))
+
+    def reach(self, step: int) -> float:
+        """r(step): 1 with memory "steps"; with memory "full" (step - f0) / (f0 - f1), f0 and f1 the last two full
+        steps before it (0 before two full steps: the forecast is then the last feature)."""
+        if self.config.memory == "steps":
+            return 1.0
+        before = [f for f in self.full_steps if f < step]
+        return (step - before[-1]) / (before[-1] - before[-2]) if len(before) >= 2 else 0.0
+
     def expert(self, context: str, sigma: float) -> StageExpert:
         return self.experts[self.resolve_context(context)][stage_of(sigma, tuple(self.config.thresholds))]
 
@@ -121,12 +153,25 @@ class LESAPredictor(nn.Module):
 
     @torch.no_grad()
     def coefficient_table(self, context: str, sigmas: list[float] | torch.Tensor) -> list[tuple[list[float], float]]:
-        """Per step: (filter coefficients c[0..K-1], offset c0) with the gain folded in, as Python floats."""
+        """Per step: (filter coefficients c[0..K-1], offset c0) with the gain folded in, as Python floats.
+
+        Kept for the next generation with the same schedule until a weight changes in place (an optimiser step or
+        `load_state_dict` bumps the tensors' version counters), so the gain networks run once, not per image."""
         sigmas = self.check_schedule(sigmas)
+        context = self.resolve_context(context)
+        weights = tuple((p.data_ptr(), p._version) for p in self.parameters())
+        key = (tuple(sigmas.tolist()), weights)
+        cache = self.__dict__.setdefault("_tables", {})  # context -> (key, table); not module state
+        if context not in cache or cache[context][0] != key:
+            cache[context] = (key, self._coefficient_table(context, sigmas))
+        return cache[context][1]
+
+    def _coefficient_table(self, context: str, sigmas: torch.Tensor) -> list[tuple[list[float], float]]:
         table = []
         for step in range(self.config.num_steps):
             c, c0 = self.expert(context, float(sigmas[step])).coefficients(float(sigmas[step]), sigmas)
-            table.append((c.tolist(), float(c0)))
+            r = self.reach(step)
+            table.append(((r * c).tolist(), r * float(c0)))
         return table
 
     # -- forecasting ----------------------------------------------------------------------------------------------
@@ -144,6 +189,8 @@ class LESAPredictor(nn.Module):
         sigma = float(sigmas[step])
         expert = self.expert(context, sigma)
         c, c0 = expert.coefficients(sigma, sigmas)
+        r = self.reach(step)
+        c, c0 = r * c, r * c0
         window = pad_window(history, expert.window)
         out = history[-1] + c0
         for k, h in enumerate(window):
