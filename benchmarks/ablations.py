@@ -2,8 +2,8 @@
 
 Each variant is trained with `lesa train`'s own code on one recording (the predictor-training prompts), then
 measured with `lesa bench` (LESA and TaylorSeer O1 at the variant's schedule) on evaluation prompts; the table gives
-PSNR against full compute (mean ± s.e. over prompts) and the paired difference to TaylorSeer O1. Trained variants and
-bench results are kept under --out, so a rerun resumes where it stopped.
+PSNR against full compute (mean over seeds, ± s.e. over prompts), the seeds' spread and the paired difference to
+TaylorSeer O1. Trained variants and bench results are kept under --out, so a rerun resumes where it stopped.
 
     python benchmarks/ablations.py --data runs/rec-embedded --prompts src/lesa/embedded/prompts/eval.txt \\
         --out runs/ablations --limit 50
@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import statistics
 from pathlib import Path
 
 from lesa.evaluate.bench import Bench, BenchConfig
@@ -33,6 +35,17 @@ VARIANTS: dict[str, tuple[dict, str]] = {
 }
 
 
+def _psnr(bench_dir: Path, family: str) -> list[float]:
+    """Per-prompt PSNR of the one run of `family` ("LESA" or "TaylorSeer O1") in a bench directory."""
+    runs = json.loads((bench_dir / "results.json").read_text())["runs"]
+    (name,) = [k for k in runs if k.startswith(family + " N=")]
+    return runs[name]["per_prompt"]["psnr"]
+
+
+def _mean_se(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), statistics.stdev(values) / math.sqrt(len(values))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", required=True, help="recording of the predictor-training prompts")
@@ -41,7 +54,7 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="pipeline (default: the recording's)")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset")
     parser.add_argument("--limit", type=int, default=50, help="evaluation prompts used")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", default="0,1", help="training seeds per variant (the first also runs TaylorSeer O1)")
     args = parser.parse_args()
 
     out = Path(args.out)
@@ -49,47 +62,57 @@ def main() -> None:
     model = args.model or rec.settings["model"]
     pipe = load_pipeline(model)
     pipe.set_progress_bar_config(disable=True)
+    seeds = [int(s) for s in args.seeds.split(",")]
     table = []
     for name in [v.strip() for v in args.variants.split(",") if v.strip()]:
         overrides, description = VARIANTS[name]
-        predictor_dir = out / f"{name}-seed{args.seed}"
-        if not (predictor_dir / "config.json").is_file():
-            cfg = TrainConfig(**{**BASE, **overrides, "seed": args.seed})
-            Trainer(rec, pipe, predictor_dir, cfg).run()
-        bench_dir = out / f"{name}-seed{args.seed}-bench"
-        if not (bench_dir / "results.json").is_file():
-            bench = BenchConfig(
-                prompts=args.prompts,
-                out=str(bench_dir),
-                model=model,
-                predictors=[str(predictor_dir)],
-                methods=["lesa", "taylorseer-o1"],
-                limit=args.limit,
-                repeats=1,
-                timing_prompts=1,
-            )
-            Bench(bench)()
-        rows = {r["family"]: r for r in json.loads((bench_dir / "results.json").read_text())["rows"]}
-        lesa_row, ts = rows["lesa"], rows["taylorseer-o1"]
+        per_seed = []
+        for seed in seeds:
+            predictor_dir = out / f"{name}-seed{seed}"
+            if not (predictor_dir / "config.json").is_file():
+                cfg = TrainConfig(**{**BASE, **overrides, "seed": seed})
+                Trainer(rec, pipe, predictor_dir, cfg).run()
+            bench_dir = out / f"{name}-seed{seed}-bench"
+            if not (bench_dir / "results.json").is_file():
+                bench = BenchConfig(
+                    prompts=args.prompts,
+                    out=str(bench_dir),
+                    model=model,
+                    predictors=[str(predictor_dir)],
+                    # TaylorSeer O1 does not depend on the seed: run it once, with the first seed
+                    methods=["lesa", "taylorseer-o1"] if seed == seeds[0] else ["lesa"],
+                    limit=args.limit,
+                    repeats=1,
+                    timing_prompts=1,
+                )
+                Bench(bench)()
+            per_seed.append(_psnr(bench_dir, "LESA"))
+        ts = _psnr(out / f"{name}-seed{seeds[0]}-bench", "TaylorSeer O1")
+        lesa = [statistics.fmean(p) for p in zip(*per_seed, strict=True)]  # per prompt, mean over seeds
+        seed_means = [statistics.fmean(p) for p in per_seed]
+        budget = json.loads((out / f"{name}-seed{seeds[0]}-bench" / "results.json").read_text())["rows"][1]["budget"]
         table.append(
             {
                 "variant": name,
                 "description": description,
-                "budget": lesa_row["budget"],
-                "psnr": lesa_row["psnr"],
-                "taylorseer_o1_psnr": ts["psnr"],
-                "psnr_vs_taylorseer_o1": lesa_row["psnr_vs_taylorseer_o1"],
-                "ssim": lesa_row["ssim"],
+                "budget": budget,
+                "seeds": seeds,
+                "psnr": _mean_se(lesa),
+                "psnr_per_seed": seed_means,
+                "seed_spread": statistics.stdev(seed_means) if len(seeds) > 1 else 0.0,
+                "taylorseer_o1_psnr": _mean_se(ts),
+                "psnr_vs_taylorseer_o1": _mean_se([a - b for a, b in zip(lesa, ts, strict=True)]),
             }
         )
         atomic_write_text(out / "ablations.json", json.dumps(table, indent=1) + "\n")
-    print(f"| variant | budget | LESA PSNR (dB) | TaylorSeer O1 PSNR | ΔPSNR vs TS O1 | SSIM |  ({args.limit} prompts)")
+    print(f"| variant | budget | LESA PSNR (dB), seeds {args.seeds} | seed spread | TaylorSeer O1 | ΔPSNR vs TS O1 |")
     print("|---|---|---|---|---|---|")
     for r in table:
+        diff = r["psnr_vs_taylorseer_o1"]
         print(
-            f"| {r['description']} | {r['budget']} | {r['psnr'][0]:.2f} ± {r['psnr'][1]:.2f} | "
-            f"{r['taylorseer_o1_psnr'][0]:.2f} | {r['psnr_vs_taylorseer_o1'][0]:+.2f} ± "
-            f"{r['psnr_vs_taylorseer_o1'][1]:.2f} | {r['ssim'][0]:.4f} |"
+            f"| {r['description']} | {r['budget']} | {r['psnr'][0]:.2f} ± {r['psnr'][1]:.2f} "
+            f"({', '.join(f'{m:.2f}' for m in r['psnr_per_seed'])}) | {r['seed_spread']:.2f} | "
+            f"{r['taylorseer_o1_psnr'][0]:.2f} | {diff[0]:+.2f} ± {diff[1]:.2f} |"
         )
 
 

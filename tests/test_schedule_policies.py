@@ -57,3 +57,31 @@ def test_policies_refuse_to_forecast_without_history():
         p.begin(None)
         with pytest.raises(RuntimeError, match="no feature computed"):
             p.forecast(4, 0.5)
+
+
+def test_schedule_search_finds_the_cheapest_placement():
+    """The dynamic programme equals brute force over every placement of the free full steps."""
+    import itertools
+
+    from lesa.calibrate import search_schedule
+
+    torch.manual_seed(0)
+    steps, warmup, budget = 9, 1, 4
+    errors = torch.rand(steps, steps, steps, dtype=torch.float64)
+
+    def cost(full: list[int]) -> float:
+        total = 0.0
+        for s in range(steps):
+            if s not in full:
+                before = [f for f in full if f < s]
+                total += float(errors[before[-2], before[-1], s])
+        return total
+
+    best = min(
+        ([*range(warmup + 1), *rest] for rest in itertools.combinations(range(warmup + 1, steps), budget - warmup - 1)),
+        key=cost,
+    )
+    found = search_schedule(errors, budget, warmup)
+    assert found == best and len(found) == budget
+    with pytest.raises(ValueError, match="cannot place"):
+        search_schedule(errors, 1, warmup)
