@@ -27,10 +27,12 @@ def _cycles(schedule: StepSchedule, num_steps: int) -> list[tuple[int, list[int]
 
 
 def _trajectories(recording: Recording, indices: Iterable[int] | None) -> Iterable[torch.Tensor]:
+    """Each recorded feature trajectory (steps, ...) in its stored dtype: callers widen one step at a time, since a
+    whole float64 trajectory of a large model would not fit in memory (FLUX 1024x1024: 5 GB)."""
     for i in range(len(recording)) if indices is None else indices:
         tensors = recording.load(i)
         for context in recording.contexts:
-            yield tensors[f"{context}.feature"].double()
+            yield tensors[f"{context}.feature"]
 
 
 def fit_damping(recording: Recording, schedule: StepSchedule, indices: Iterable[int] | None = None) -> float:
@@ -41,8 +43,9 @@ def fit_damping(recording: Recording, schedule: StepSchedule, indices: Iterable[
     numerator = denominator = 0.0
     for features in _trajectories(recording, indices):
         for step, (f0, f1, *_) in cycles:
-            x = (step - f0) * (features[f0] - features[f1]) / (f0 - f1)
-            numerator += float((x * (features[step] - features[f0])).sum())
+            last, before, target = (features[j].double() for j in (f0, f1, step))
+            x = (step - f0) * (last - before) / (f0 - f1)
+            numerator += float((x * (target - last)).sum())
             denominator += float((x * x).sum())
     if denominator == 0:
         raise ValueError(f"{recording.dir}: no cached step has two full steps before it; cannot fit a damping")
@@ -58,7 +61,7 @@ def fit_linear(
     gram = {s: np.zeros((len(f), len(f))) for s, f in cycles}
     rhs = {s: np.zeros(len(f)) for s, f in cycles}
     for features in _trajectories(recording, indices):
-        flat = features.flatten(1)
+        flat = features.flatten(1).double()
         products = (flat @ flat.T).numpy()  # every step's inner product with every other step
         for step, fulls in cycles:
             gram[step] += products[np.ix_(fulls, fulls)]
