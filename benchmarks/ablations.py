@@ -70,7 +70,7 @@ def main() -> None:
         for seed in seeds:
             predictor_dir = out / f"{name}-seed{seed}"
             if not (predictor_dir / "config.json").is_file():
-                cfg = TrainConfig(**{**BASE, **overrides, "seed": seed})
+                cfg = TrainConfig.from_recipe("paper", **{**BASE, **overrides, "seed": seed})
                 Trainer(rec, pipe, predictor_dir, cfg).run()
             bench_dir = out / f"{name}-seed{seed}-bench"
             if not (bench_dir / "results.json").is_file():
