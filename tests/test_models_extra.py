@@ -178,25 +178,14 @@ def test_a_two_transformer_wan_pipeline_is_refused(pipes):
 
 
 def test_sd3_by_adapter_entry_alone():
-    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    """The bare transformer, called in a hand-written sampling loop (no pipeline, no cache context)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
 
-    torch.manual_seed(0)
-    transformer = SD3Transformer2DModel(
-        sample_size=8,
-        patch_size=1,
-        in_channels=4,
-        num_layers=2,
-        attention_head_dim=8,
-        num_attention_heads=2,
-        caption_projection_dim=16,
-        joint_attention_dim=16,
-        pooled_projection_dim=16,
-        out_channels=4,
-    ).eval()
+    transformer = tiny_sd3_pipeline().transformer
     scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
     generator = torch.Generator().manual_seed(0)
     latents0 = torch.randn(1, 4, 8, 8, generator=generator)
-    text, pooled = torch.randn(1, 5, 16, generator=generator), torch.randn(1, 16, generator=generator)
+    text, pooled = torch.randn(1, 5, 32, generator=generator), torch.randn(1, 32, generator=generator)
 
     def sample():
         scheduler.set_timesteps(STEPS)
