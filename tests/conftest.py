@@ -26,6 +26,21 @@ def generate(pipe, seed: int = 0, steps: int = STEPS, **kwargs) -> torch.Tensor:
     return pipe(generator=torch.Generator().manual_seed(seed), **kw).images
 
 
+def kill_at_score(monkeypatch, call: int) -> None:
+    """Make `Trainer.score` raise KeyboardInterrupt on its `call`-th call, as a run killed mid-training would stop
+    (`monkeypatch.undo()` restores it). Scores come at init and after every epoch."""
+    real_score = Trainer.score
+    calls = []
+
+    def dies(self, predictor):
+        calls.append(1)
+        if len(calls) == call:
+            raise KeyboardInterrupt
+        return real_score(self, predictor)
+
+    monkeypatch.setattr(Trainer, "score", dies)
+
+
 @pytest.fixture(scope="session")
 def pipe():
     p = tiny_flux_pipeline()

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SIZE
+from conftest import SIZE, kill_at_score
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -246,16 +246,7 @@ def test_two_ranks_train_the_default_recipe_in_step(two_rank_run):
 def test_two_ranks_resume_a_checkpoint_cut_in_one_process(two_rank_run, one_process_run, pipe, tmp_path, monkeypatch):
     """A run killed after phase gt (one process) is finished by 2 ranks: rank 0 reads the checkpoint, both resume."""
     work = two_rank_run["dir"]
-    real_score = Trainer.score
-    calls = []
-
-    def dies_on_fourth(self, predictor):
-        calls.append(1)
-        if len(calls) == 4:  # init, gt 1, gt 2 scored; dies scoring clar 1
-            raise KeyboardInterrupt
-        return real_score(self, predictor)
-
-    monkeypatch.setattr(Trainer, "score", dies_on_fourth)
+    kill_at_score(monkeypatch, 4)  # init, gt 1, gt 2 scored; dies scoring clar 1
     with pytest.raises(KeyboardInterrupt):
         Trainer(Recording(work / "rec"), pipe, tmp_path / "cut", TrainConfig(**TRAIN_CONFIG), **QUIET).run()
     monkeypatch.undo()

@@ -3,7 +3,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import PROMPTS, SIZE, STEPS
+from conftest import PROMPTS, SIZE, STEPS, kill_at_score
 
 import lesa.record as record_module
 from lesa.record import Recording, read_prompts, record
@@ -160,19 +160,10 @@ def test_training_resumes_exactly_where_it_stopped(pipe, recording, tmp_path, mo
         phases=("gt", "clar"), epochs_gt=2, epochs_clar=1, batch_size=3, kan_hidden=(8, 8), val_fraction=0.25
     )
     whole = Trainer(recording, pipe, tmp_path / "whole", config, progress=False, log=lambda *_: None).run()
-    real_score = Trainer.score
-    calls = []
-
-    def dies_on_fourth(self, predictor):
-        calls.append(1)
-        if len(calls) == 4:  # init, gt 1, gt 2 score; dies scoring clar 1
-            raise KeyboardInterrupt
-        return real_score(self, predictor)
-
-    monkeypatch.setattr(Trainer, "score", dies_on_fourth)
+    kill_at_score(monkeypatch, 4)  # init, gt 1, gt 2 scored; dies scoring clar 1
     with pytest.raises(KeyboardInterrupt):
         Trainer(recording, pipe, tmp_path / "cut", config, progress=False, log=lambda *_: None).run()
-    monkeypatch.setattr(Trainer, "score", real_score)
+    monkeypatch.undo()
     messages = []
     resumed = Trainer(recording, pipe, tmp_path / "cut", config, progress=False, log=messages.append).run()
     assert any("resuming" in m and "gt epoch 2" in m for m in messages)

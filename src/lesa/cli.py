@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from .evaluate.methods import FAMILIES
-from .train import DEFAULT_RECIPE, RECIPES
+from .train import CHOICES, DEFAULT_RECIPE, RECIPES
 
 
 def _pipeline_args(p: argparse.ArgumentParser, model_help: str, offload: bool = True) -> None:
@@ -81,7 +81,7 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument(
         "--target",
-        choices=("feature", "output"),
+        choices=CHOICES["target"],
         default=None,
         help="closed-loop loss on the tapped feature (paper) or on the transformer output",
     )
@@ -95,24 +95,24 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("--gain", choices=("kan", "mlp"), default="kan", help="temporal gain network (mlp: ablation)")
     tr.add_argument(
         "--memory",
-        choices=("steps", "full"),
+        choices=CHOICES["memory"],
         default=None,
         help="history of the last K features, forecasts included (paper), or of the last K full-step features",
     )
     tr.add_argument(
         "--gain-init",
-        choices=("zero", "damped"),
+        choices=CHOICES["gain_init"],
         default=None,
         help="start at reuse (paper) or at TaylorSeer O1 with the damping fitted on the recording (memory full)",
     )
     tr.add_argument(
         "--loss",
-        choices=("step", "cycle"),
+        choices=CHOICES["loss"],
         default=None,
         help="closed-loop loss per cached step (paper) or integrated over each cache cycle",
     )
     tr.add_argument(
-        "--select", choices=("mse", "psnr"), default=None, help="held-out score that picks the kept checkpoint"
+        "--select", choices=CHOICES["select"], default=None, help="held-out score that picks the kept checkpoint"
     )
     tr.add_argument("--restart", action="store_true", help="ignore existing checkpoints in --out")
 
