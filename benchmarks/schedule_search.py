@@ -1,20 +1,21 @@
-"""Lever: which steps run the trunk. For a budget of full steps, place them by dynamic programming on the recorded
-trajectories (teacher-forced damped TaylorSeer O1 error of the cached steps), then measure damped TaylorSeer O1 on
-that schedule against the uniform one, closed loop, on the held-out split of the predictor-training prompts.
+"""Lever: which steps run the trunk. For the full-step budget of each uniform schedule, place the full steps as
+`lesa train --schedule search` does (`Trainer.search_full_steps`): by dynamic programming on the teacher-forced
+damped TaylorSeer O1 error of the cached steps, then by a closed-loop coordinate search of damped TaylorSeer O1's
+final-latent PSNR on training trajectories. Prints damped TaylorSeer O1 (g refitted per schedule), closed loop, on
+the held-out split of the predictor-training prompts for the uniform, the planned and the searched schedule.
 
-    python benchmarks/schedule_search.py --data runs/rec-embedded
+    python benchmarks/schedule_search.py --data runs/rec-embedded --out runs/schedules.json
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import time
 
-from lesa.calibrate import fit_damping, forecast_errors, search_schedule
-from lesa.config import TaylorSeerConfig
+from lesa.io import atomic_write_text
 from lesa.models import load_pipeline
 from lesa.record import Recording
-from lesa.schedule import StepSchedule
 from lesa.train import TrainConfig, Trainer
 
 
@@ -23,32 +24,22 @@ def main() -> None:
     parser.add_argument("--data", required=True, help="recording of the predictor-training prompts")
     parser.add_argument("--intervals", default="7,10", help="uniform schedules whose full-step budgets are searched")
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--search-trajectories", type=int, default=40, help="training trajectories the search reads")
+    parser.add_argument("--out", help="write the schedules and scores to this JSON file")
     args = parser.parse_args()
 
     rec = Recording(args.data)
     pipe = load_pipeline(rec.settings["model"])
-    steps = len(rec.sigmas) - 1
+    results = {}
     for interval in map(int, args.intervals.split(",")):
-        trainer = Trainer(rec, pipe, "unused", TrainConfig(interval=interval, warmup=args.warmup), progress=False)
-        uniform = StepSchedule(interval, args.warmup)
-        budget = len(uniform.full_steps(steps))
+        config = TrainConfig(interval=interval, warmup=args.warmup, schedule="search")
+        trainer = Trainer(rec, pipe, "unused", config, progress=False)
         start = time.perf_counter()
-        errors = forecast_errors(rec, trainer.damping, trainer.train_idx[: args.search_trajectories])
-        chosen = search_schedule(errors, budget, args.warmup)
-        searched = StepSchedule(steps, args.warmup, tuple(chosen[args.warmup + 1 :]))
-        print(
-            f"{budget}/{steps}: uniform {uniform.full_steps(steps)}; searched {chosen} "
-            f"({time.perf_counter() - start:.0f} s)"
-        )
-        for name, schedule in (("uniform", uniform), ("searched", searched)):
-            g = fit_damping(rec, schedule, trainer.train_idx)
-            sched = dict(interval=schedule.interval, warmup=schedule.warmup, forced_full_steps=schedule.forced)
-            score = trainer.closed_loop_error(TaylorSeerConfig(order=1, damping=g, count_flops=False, **sched))
-            print(
-                f"  damped TaylorSeer O1 (g {g:.3f}) on the {name} schedule: held-out latent PSNR "
-                f"{score['psnr']:.2f} dB"
-            )
+        results[interval] = found = trainer.search_full_steps()
+        print(f"N = {interval} ({len(found['uniform'])} full steps, {time.perf_counter() - start:.0f} s):")
+        for name, psnr in found["held_out_psnr"].items():
+            print(f"  {name:20s} {found[name]}: damped TaylorSeer O1 held-out latent PSNR {psnr:.2f} dB")
+    if args.out:
+        atomic_write_text(args.out, json.dumps(results, indent=1) + "\n")
 
 
 if __name__ == "__main__":

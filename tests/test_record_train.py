@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import shutil
 
@@ -213,7 +214,7 @@ def test_full_step_memory_starts_exactly_at_damped_taylorseer(pipe, recording, t
     finally:
         lesa.disable(pipe)
     assert (ours - damped).abs().max() < 1e-4 < (ours - plain).abs().max()
-    with pytest.raises(ValueError, match="needs memory 'full'"):
+    with pytest.raises(ValueError, match="need memory 'full'"):
         TrainConfig(gain_init="damped")
     with pytest.raises(ValueError, match="loss must be one of step, cycle"):
         TrainConfig(loss="trajectory")
@@ -246,3 +247,118 @@ def test_cycle_loss_updates_once_per_cache_cycle_and_selects_by_psnr(pipe, recor
     damped = next(k for k in log["validation"] if k.startswith("TaylorSeer O1 damped"))
     # the kept predictor is no worse than where it started: damped TaylorSeer on the same held-out trajectories
     assert log["validation"]["LESA (this predictor)"]["psnr"] >= log["validation"][damped]["psnr"] - 1e-3
+
+
+def test_schedule_search_is_stored_in_the_artefact_and_run(pipe, recording, tmp_path, monkeypatch):
+    """schedule "search": the full steps placed by the closed-loop search go into schedule.json and the predictor's
+    config, and a pipeline accelerated with the predictor runs exactly those steps; a resumed run does not search."""
+    from conftest import generate
+
+    import lesa.train as train_module
+    from lesa.evaluate.methods import bench_schedules, fixed_methods, lesa_methods
+    from lesa.runtime import get_runtime
+
+    config = TrainConfig(
+        interval=20,  # full steps 0..3, 23, 43: two to place, a quick search
+        memory="full",
+        gain_init="damped",
+        windows=(3, 3, 3),
+        history=3,
+        phases=("clar",),
+        epochs_clar=1,
+        loss="cycle",
+        select="psnr",
+        batch_size=3,
+        kan_hidden=(8,),
+        val_fraction=0.25,
+        schedule="search",
+    )
+    out = tmp_path / "p"
+    monkeypatch.setattr(train_module, "SEARCH_TRAJECTORIES", 3)  # one minibatch per candidate
+    predictor = Trainer(recording, pipe, out, config, **QUIET).run()
+    saved = json.loads((out / "schedule.json").read_text())
+    held_out = saved["held_out_psnr"]
+    assert saved["uniform"] == [0, 1, 2, 3, 23, 43] and set(held_out) == {"uniform", "dynamic programming", "searched"}
+    assert saved["full_steps"] == saved[max(held_out, key=held_out.get)] != saved["uniform"]  # on this recording
+    assert predictor.full_steps == saved["full_steps"]
+    assert predictor.config.explicit_full_steps == saved["full_steps"][4:]
+    # the pipeline runs exactly those steps, with the predictor and with a baseline on the bench's budget of it
+    assert bench_schedules([(20, 3, tuple(saved["full_steps"][4:])), (7, 3, ())]) == [
+        (20, 3, tuple(saved["full_steps"][4:])),
+        (20, 3, ()),  # the baselines also run on the uniform placement of the same budget
+        (7, 3, ()),
+    ]
+    (learned,) = lesa_methods([str(out)], 50).values()
+    budget = learned[0].budget
+    assert learned[0].row == "LESA N=20 searched" and budget.label == "6/50 searched"
+    (fora,) = fixed_methods("fora", budget, None, None)
+    for method in (learned[0], fora):
+        full = []
+        method.enable(pipe)
+        observers = get_runtime(pipe.transformer).observers
+        observers.append(lambda event, full=full: full.append(event.step) if event.full else None)
+        try:
+            generate(pipe)
+        finally:
+            method.disable(pipe)
+        assert full == saved["full_steps"], method.row
+    log = json.loads((out / "training_log.json").read_text())
+    assert any(k.endswith("uniform schedule") for k in log["validation"])
+
+    def no_search(*_args, **_kwargs):
+        raise AssertionError("searched again")
+
+    monkeypatch.setattr(train_module, "refine_schedule", no_search)
+    assert Trainer(recording, pipe, out, config, **QUIET).run().full_steps == saved["full_steps"]
+
+
+def test_linear_start_is_exactly_the_least_squares_forecaster(pipe, recording, tmp_path):
+    """gain_init "linear": per-step filters on top of the damped start make the untrained predictor the
+    least-squares linear forecaster of the last three full-step features; saved and loaded, it stays that."""
+    from conftest import generate
+
+    import lesa
+    from lesa.calibrate import fit_linear
+    from lesa.config import LinearForecastConfig
+    from lesa.predictor import LESAPredictor
+    from lesa.schedule import StepSchedule
+
+    with pytest.raises(ValueError, match="needs step_filters"):
+        TrainConfig(memory="full", gain_init="linear")
+    config = TrainConfig(
+        memory="full", gain_init="linear", step_filters=True, windows=(2, 3, 3), history=3, val_fraction=0.25
+    )
+    trainer = Trainer(recording, pipe, tmp_path / "p", config, **QUIET)
+    predictor = trainer.new_predictor(0)
+    assert predictor.config.step_filters and set(predictor.step_filters) == {"cond"}
+    predictor.save_pretrained(tmp_path / "saved")
+    loaded = LESAPredictor.from_pretrained(tmp_path / "saved")
+    weights = fit_linear(recording, StepSchedule(7, 3), history=3, indices=trainer.train_idx)
+    outputs = []
+    try:
+        for config in (
+            lesa.LESAConfig(predictor=predictor),
+            lesa.LESAConfig(predictor=loaded),
+            LinearForecastConfig(interval=7, warmup=3, weights=weights),
+            lesa.TaylorSeerConfig(interval=7, warmup=3, order=1, damping=trainer.damping),
+        ):
+            lesa.enable(pipe, config)
+            outputs.append(generate(pipe))
+    finally:
+        lesa.disable(pipe)
+    ours, reloaded, linear, damped = outputs
+    assert (ours - linear).abs().max() < 1e-4 < (ours - damped).abs().max()
+    assert torch.equal(ours, reloaded)
+    # "best" starts from whichever of the two scores higher on the held-out split
+    best = Trainer(recording, pipe, tmp_path / "b", dataclasses.replace(config, gain_init="best"), **QUIET)
+    scores = {
+        "damped": best._damped_score(),
+        "linear": best.closed_loop_error(LinearForecastConfig(interval=7, warmup=3, weights=weights))["psnr"],
+    }
+    assert best.start == max(scores, key=scores.get)
+    # the differentiable training path gives the same forecast as the folded inference table
+    history = [torch.randn(5) for _ in range(3)]
+    table = predictor.coefficient_table("cond", trainer.sigmas)
+    c, c0 = table[12]
+    folded = LESAPredictor.apply_coefficients([h.clone() for h in history], c, c0)
+    assert torch.allclose(predictor.forecast(history, "cond", 12, trainer.sigmas), folded, atol=1e-5)

@@ -85,3 +85,34 @@ def test_schedule_search_finds_the_cheapest_placement():
     assert found == best and len(found) == budget
     with pytest.raises(ValueError, match="cannot place"):
         search_schedule(errors, 1, warmup)
+
+
+def test_explicit_schedule_runs_exactly_its_full_steps():
+    s = StepSchedule(7, 3, explicit=(8, 20, 31))
+    assert s.full_steps(40) == [0, 1, 2, 3, 8, 20, 31] and s.searched
+    assert StepSchedule(7, 3, forced=(5,), explicit=(8,)).full_steps(12) == [0, 1, 2, 3, 5, 8]
+    with pytest.raises(ValueError, match="after the warm-up"):
+        StepSchedule(7, 3, explicit=(3, 9))
+
+
+def test_refine_schedule_climbs_to_the_best_placement_and_scores_each_once():
+    from lesa.calibrate import refine_schedule
+
+    target = [0, 1, 2, 3, 12, 15, 40]
+    calls = []
+
+    def score(full):
+        calls.append(tuple(full))
+        return -sum((a - b) ** 2 for a, b in zip(full, target, strict=True))
+
+    # the last step is 16 away; a round moves it by +1 then +2 (shifts are tried from where it stands), so 4 rounds
+    # end 4 short of the target
+    start = [0, 1, 2, 3, 10, 17, 24]
+    best, value = refine_schedule(score, start, 50, 3, max_shift=2, rounds=4)
+    assert best[:6] == target[:6] and best[6] == 36 and value == -(4**2)
+    assert len(calls) == len(set(calls))  # no schedule scored twice
+    assert all(a < b for a, b in zip(best, best[1:], strict=False))  # distinct and ordered throughout
+    best, _ = refine_schedule(score, start, 50, 3, max_shift=2, rounds=20)
+    assert best == target
+    with pytest.raises(ValueError, match="beginning with 0..3"):
+        refine_schedule(score, [0, 1, 2, 10], 50, 3)

@@ -149,3 +149,50 @@ def search_schedule(errors: torch.Tensor, full_steps: int, warmup: int) -> list[
         best = nxt
     _, chosen = min(finished, key=lambda item: item[0])
     return [*range(warmup + 1), *chosen]
+
+
+def refine_schedule(
+    score: Callable[[list[int]], float],
+    start: list[int],
+    num_steps: int,
+    warmup: int,
+    max_shift: int = 2,
+    rounds: int = 4,
+    log: Callable[[str], None] | None = None,
+) -> tuple[list[int], float]:
+    """Coordinate search over the full steps after the warm-up: move one at a time by up to `max_shift` steps
+    (keeping them distinct, after step `warmup` and before `num_steps`) and keep a move whenever `score` (higher is
+    better; e.g. the closed-loop PSNR of a forecaster on recorded trajectories) improves. A round tries every step
+    and every shift; the search stops after a round with no improvement or after `rounds` rounds.
+
+    Returns (full steps, their score); each schedule is scored once."""
+    fixed = list(range(warmup + 1))
+    if start[: warmup + 1] != fixed or sorted(set(start)) != start or start[-1] >= num_steps:
+        raise ValueError(f"start must be sorted distinct steps < {num_steps} beginning with 0..{warmup}, got {start}")
+    seen: dict[tuple[int, ...], float] = {}
+
+    def scored(steps: list[int]) -> float:
+        key = tuple(steps)
+        if key not in seen:
+            seen[key] = score(steps)
+        return seen[key]
+
+    best, best_score = list(start), scored(start)
+    for round_ in range(rounds):
+        improved = False
+        for i in range(warmup + 1, len(best)):
+            for shift in (s for m in range(1, max_shift + 1) for s in (-m, m)):
+                moved = best[i] + shift
+                low = best[i - 1]
+                high = best[i + 1] if i + 1 < len(best) else num_steps
+                if not low < moved < high:
+                    continue
+                candidate = [*best[:i], moved, *best[i + 1 :]]
+                value = scored(candidate)
+                if value > best_score:
+                    best, best_score, improved = candidate, value, True
+                    if log:
+                        log(f"round {round_ + 1}: {best} -> {best_score:.4f}")
+        if not improved:
+            break
+    return best, best_score

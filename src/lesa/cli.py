@@ -103,7 +103,14 @@ def _parser() -> argparse.ArgumentParser:
         "--gain-init",
         choices=CHOICES["gain_init"],
         default=None,
-        help="start at reuse (paper) or at TaylorSeer O1 with the damping fitted on the recording (memory full)",
+        help="start at reuse (paper), at TaylorSeer O1 with the damping fitted on the recording (memory full) or "
+        "at the least-squares linear forecaster fitted there (needs --step-filters)",
+    )
+    tr.add_argument(
+        "--step-filters",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="a learned filter per step on top of the stage experts' (memory full)",
     )
     tr.add_argument(
         "--loss",
@@ -113,6 +120,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     tr.add_argument(
         "--select", choices=CHOICES["select"], default=None, help="held-out score that picks the kept checkpoint"
+    )
+    tr.add_argument(
+        "--schedule",
+        choices=CHOICES["schedule"],
+        default=None,
+        help="where the full steps go: every N steps (uniform); the same number placed by dynamic programming on "
+        "recorded errors (plan); plan plus a closed-loop search (search, slow). plan/search keep uniform unless "
+        "better on the held-out split",
     )
     tr.add_argument("--restart", action="store_true", help="ignore existing checkpoints in --out")
 
@@ -237,8 +252,10 @@ def _train(args) -> int:
         windows=None if args.windows is None else _ints(args.windows, "windows"),
         memory=args.memory,
         gain_init=args.gain_init,
+        step_filters=args.step_filters,
         loss=args.loss,
         select=args.select,
+        schedule=args.schedule,
     )
     config = TrainConfig.from_recipe(
         args.recipe,
@@ -260,6 +277,7 @@ def _train(args) -> int:
     pipe = load_pipeline(model, dist.device, args.dtype)
     if args.restart and dist.is_main:  # only rank 0 reads checkpoints
         shutil.rmtree(Path(args.out) / "checkpoints", ignore_errors=True)
+        (Path(args.out) / "schedule.json").unlink(missing_ok=True)
     Trainer(rec, pipe, args.out, config).run()
     return 0
 

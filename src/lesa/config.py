@@ -19,13 +19,14 @@ class CacheConfig:
     interval: int = 1
     warmup: int = 3
     forced_full_steps: tuple[int, ...] = field(default_factory=tuple)
+    explicit_full_steps: tuple[int, ...] = field(default_factory=tuple)  # a searched schedule (see StepSchedule)
     count_flops: bool = True
 
     name = "none"
     adaptive = False  # True: the policy decides at the first trunk block whether a step is full
 
     def schedule(self) -> StepSchedule:
-        return StepSchedule(self.interval, self.warmup, tuple(self.forced_full_steps))
+        return StepSchedule(self.interval, self.warmup, tuple(self.forced_full_steps), tuple(self.explicit_full_steps))
 
     def make_policy(self, context: str) -> Policy:
         return Policy()
@@ -94,7 +95,8 @@ class TeaCacheConfig(CacheConfig):
 
 @dataclass
 class LESAConfig(CacheConfig):
-    """LESA with a trained predictor (an instance or a directory). interval / warmup default to the predictor's."""
+    """LESA with a trained predictor (an instance or a directory). The schedule (interval, warmup and a searched
+    schedule's full steps) defaults to the predictor's."""
 
     predictor: LESAPredictor | str | Path | None = None
     interval: int | None = None
@@ -114,6 +116,8 @@ class LESAConfig(CacheConfig):
             self.warmup = pc.warmup
         if not self.forced_full_steps:
             self.forced_full_steps = tuple(pc.forced_full_steps)
+        if not self.explicit_full_steps and (self.interval, self.warmup) == (pc.interval, pc.warmup):
+            self.explicit_full_steps = tuple(pc.explicit_full_steps)
         if (self.interval, self.warmup) != (pc.interval, pc.warmup):
             warnings.warn(
                 f"predictor trained for interval {pc.interval}, warmup {pc.warmup}; running with interval "

@@ -29,8 +29,8 @@ from tqdm.auto import tqdm
 
 from . import disable, distributed, enable
 from .adapters import get_adapter
-from .calibrate import fit_damping
-from .config import CacheConfig, FORAConfig, LESAConfig, TaylorSeerConfig
+from .calibrate import fit_damping, fit_linear, forecast_errors, refine_schedule, search_schedule
+from .config import CacheConfig, FORAConfig, LESAConfig, LinearForecastConfig, TaylorSeerConfig
 from .io import atomic_path, atomic_write_text
 from .predictor import LESAPredictor, PredictorConfig
 from .record import Recording, call_kwargs, pipeline_output
@@ -42,10 +42,12 @@ PHASES = ("gt", "clar")
 CHOICES = {
     "target": ("feature", "output"),
     "memory": ("steps", "full"),
-    "gain_init": ("zero", "damped"),
+    "gain_init": ("zero", "damped", "linear", "best"),
     "loss": ("step", "cycle"),
     "select": ("mse", "psnr"),
+    "schedule": ("uniform", "plan", "search"),
 }
+SEARCH_TRAJECTORIES = 40  # training trajectories a schedule plan or search reads
 
 
 # Named settings of `lesa train --recipe` (explicit options override them). "paper" is the faithful reproduction of
@@ -57,6 +59,7 @@ RECIPES: dict[str, dict[str, Any]] = {
     "calibrated": dict(
         memory="full",
         gain_init="damped",
+        schedule="plan",
         loss="cycle",
         select="psnr",
         phases=("clar",),
@@ -93,9 +96,16 @@ class TrainConfig:
     kan_hidden: tuple[int, ...] = (256, 256)
     gain: str = "kan"
     memory: str = "steps"  # what the history holds: "steps" (paper) or "full" (full-step features only)
-    gain_init: str = "zero"  # "damped": start at TaylorSeer O1 with the damping fitted on the training trajectories
+    # "damped": start at TaylorSeer O1 with the damping fitted on the training trajectories; "linear" (needs
+    # step_filters): at the least-squares linear forecaster fitted there; "best": at whichever of the two scores
+    # higher on the held-out split
+    gain_init: str = "zero"
+    step_filters: bool = False  # a learned filter per step on top of the stage experts' (memory "full")
     loss: str = "step"  # closed loop: "step" (each cached step) or "cycle" (the error integrated over a cache cycle)
     select: str = "mse"  # held-out score that picks the kept checkpoint: final-latent "mse" or "psnr"
+    # where the interval's budget of full steps goes: "uniform" (every N steps), "plan" (dynamic programming on the
+    # teacher-forced error, kept if better on the held-out split) or "search" (also a closed-loop search, slow)
+    schedule: str = "uniform"
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -105,8 +115,13 @@ class TrainConfig:
         for name, allowed in CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
-        if self.gain_init == "damped" and self.memory != "full":
-            raise ValueError("gain_init 'damped' starts the predictor at TaylorSeer O1, which needs memory 'full'")
+        if self.gain_init in ("linear", "best") and not self.step_filters:
+            raise ValueError(f"gain_init {self.gain_init!r} sets the per-step filters: it needs step_filters")
+        if (self.gain_init != "zero" or self.step_filters) and self.memory != "full":
+            raise ValueError(
+                f"gain_init {self.gain_init!r} / step_filters {self.step_filters} act on full-step features: "
+                "they need memory 'full'"
+            )
         if not 0 < self.val_fraction < 1:
             raise ValueError(f"val_fraction must lie in (0, 1), got {self.val_fraction}")
 
@@ -207,6 +222,7 @@ class Trainer:
             dtype=str(self.dtype).replace("torch.", ""),
             interval=self.cfg.interval,
             warmup=self.cfg.warmup,
+            explicit_full_steps=list(self.schedule.explicit),
             thresholds=list(thresholds),
             windows=list(self.windows),
             history=min(self.cfg.history, max(self.windows)),
@@ -215,15 +231,143 @@ class Trainer:
             gain=self.cfg.gain,
             target=self.cfg.target,
             memory=self.cfg.memory,
-            gain_bias=self.damping if self.cfg.gain_init == "damped" else 0.0,
+            gain_bias=self.damping if self.cfg.gain_init != "zero" else 0.0,
+            step_filters=self.cfg.step_filters,
             base_model=self.settings["model"],
         )
         predictor = LESAPredictor(config)
-        if self.cfg.gain_init == "damped":  # exactly damped TaylorSeer O1 until trained
+        if self.cfg.gain_init != "zero":  # exactly damped TaylorSeer O1 until trained
             for experts in predictor.experts.values():
                 for expert in experts:
                     expert.zero_gain()
+        if self.start == "linear":  # ... and with the per-step filters exactly the least-squares forecaster
+            self._start_at_linear(predictor)
         return predictor.to(self.device)
+
+    @functools.cached_property
+    def start(self) -> str:
+        """Where a new predictor starts: gain_init, with "best" resolved to "damped" or "linear" by the closed-loop
+        held-out PSNR of damped TaylorSeer O1 and of the least-squares linear forecaster on the current schedule."""
+        if self.cfg.gain_init != "best":
+            return self.cfg.gain_init
+        history = min(self.cfg.history, max(self.windows))
+        scores = {
+            "damped": self._damped_score(),
+            "linear": self.closed_loop_error(
+                LinearForecastConfig(weights=self.linear_weights(history), **self._schedule_kwargs())
+            )["psnr"],
+        }
+        start = max(scores, key=scores.get)
+        self.log(f"start: {start} (held-out PSNR damped {scores['damped']:.2f}, linear {scores['linear']:.2f} dB)")
+        return start
+
+    @torch.no_grad()
+    def _start_at_linear(self, predictor: LESAPredictor) -> None:
+        """Set the per-step filters so that each cached step's folded filter equals the least-squares linear
+        forecaster's weights over the last `history` full-step features (fitted on the training trajectories)."""
+        history = predictor.config.history
+        weights = self.linear_weights(history)
+        for context, table in predictor.step_filters.items():
+            for step, w in weights.items():
+                target = torch.zeros(history)
+                for j, wj in enumerate(w):  # w is newest first; the window is oldest first
+                    target[history - 1 - j] = wj
+                target[history - 1] -= 1.0  # the forecast adds h[-1] itself
+                table[step] = target - predictor.step_coefficients(context, step, self.sigmas)[0]
+
+    def linear_weights(self, history: int) -> dict[int, list[float]]:
+        """The least-squares linear forecaster of the current schedule, fitted on the training trajectories."""
+        cache = self.__dict__.setdefault("_linear", {})
+        key = (self.schedule, history)
+        if key not in cache:
+            cache[key] = fit_linear(self.rec, self.schedule, history=history, indices=self.train_idx)
+        return cache[key]
+
+    def _use_schedule(self, schedule: StepSchedule) -> None:
+        self.schedule = schedule
+        self.cached_steps = schedule.cached_steps(self.num_steps)
+        for fitted in ("damping", "start"):  # refit on the new schedule when next asked
+            self.__dict__.pop(fitted, None)
+
+    def place_full_steps(self) -> None:
+        """Schedule "plan" / "search": of the candidates of `search_full_steps`, use the one with the best held-out
+        PSNR (uniform included). The choice is saved to `out/schedule.json`, which later runs of the same schedule
+        settings (a resumed run, another seed) read instead of searching again."""
+        path = self.out / "schedule.json"
+        key = self.schedule_settings()
+        saved = distributed.on_main(lambda: json.loads(path.read_text()) if path.exists() else None)
+        if saved is not None and saved.get("settings") == key:
+            self.log(f"schedule: {saved['full_steps']} (placed before, {path})")
+        else:
+            saved = {"settings": key, **self.search_full_steps(refine=self.cfg.schedule == "search")}
+            held_out = saved["held_out_psnr"]
+            best = max(held_out, key=held_out.get)
+            saved["full_steps"] = saved[best]
+            self.log(f"schedule: keeping the {best} one, {saved['full_steps']}")
+            if self.dist.is_main:
+                atomic_write_text(path, json.dumps(saved, indent=1) + "\n")
+        self._use_schedule(self._explicit(saved["full_steps"]))
+
+    def schedule_settings(self) -> dict[str, Any]:
+        """What a schedule search depends on (a saved search is reused only under the same settings)."""
+        key = {k: getattr(self.cfg, k) for k in ("interval", "warmup", "val_fraction", "schedule")}
+        key.update(search_trajectories=SEARCH_TRAJECTORIES, recording=str(self.rec.dir), steps=self.num_steps)
+        return key
+
+    def search_full_steps(self, refine: bool = True) -> dict[str, Any]:
+        """Place the uniform schedule's number of full steps for damped TaylorSeer O1 (its g fitted for the uniform
+        schedule): by dynamic programming on its teacher-forced error (`calibrate.search_schedule`), then, with
+        `refine`, by a closed-loop coordinate search (`calibrate.refine_schedule`, final-latent PSNR through the
+        pipeline) started from the better of uniform and that, both on up to SEARCH_TRAJECTORIES training
+        trajectories. Returns the schedules and damped TaylorSeer O1's held-out PSNR on each (g refitted per
+        schedule)."""
+        uniform_schedule = StepSchedule(self.cfg.interval, self.cfg.warmup)
+        self._use_schedule(uniform_schedule)
+        uniform = uniform_schedule.full_steps(self.num_steps)
+        g = self.damping
+        search_idx = self.train_idx[:SEARCH_TRAJECTORIES]
+        self.log(f"schedule {self.cfg.schedule}: {len(uniform)} full steps, on {len(search_idx)} training trajectories")
+        errors = forecast_errors(self.rec, g, search_idx)
+        planned = search_schedule(errors, len(uniform), self.cfg.warmup)
+
+        out: dict[str, Any] = {"uniform": uniform, "dynamic programming": planned}
+
+        def score(full: list[int]) -> float:
+            config = TaylorSeerConfig(order=1, damping=g, **self._schedule_kwargs(full))
+            return self.closed_loop_error(config, search_idx)["psnr"]
+
+        if refine:
+            first = max((uniform, planned), key=score)
+            out["searched"], value = refine_schedule(score, first, self.num_steps, self.cfg.warmup, log=self.log)
+            self.log(f"schedule search: {out['searched']} (training PSNR {value:.2f})")
+        held_out = {}
+        for name in out:
+            self._use_schedule(self._explicit(out[name]))
+            held_out[name] = self._damped_score()
+        self._use_schedule(uniform_schedule)
+        self.log(
+            "schedules: held-out damped TaylorSeer O1 "
+            + ", ".join(f"{name} {v:.2f}" for name, v in held_out.items())
+            + " dB"
+        )
+        return {**out, "held_out_psnr": held_out}
+
+    def _explicit(self, full: list[int]) -> StepSchedule:
+        """The schedule with these full steps (the plain uniform one when they are its own)."""
+        uniform = StepSchedule(self.cfg.interval, self.cfg.warmup)
+        if full == uniform.full_steps(self.num_steps):
+            return uniform
+        return StepSchedule(self.cfg.interval, self.cfg.warmup, explicit=tuple(full[self.cfg.warmup + 1 :]))
+
+    def _schedule_kwargs(self, full: list[int] | None = None) -> dict[str, Any]:
+        """A CacheConfig's schedule fields for the current schedule (or for the one with these full steps)."""
+        s = self.schedule if full is None else self._explicit(full)
+        return dict(interval=s.interval, warmup=s.warmup, explicit_full_steps=s.explicit, count_flops=False)
+
+    def _damped_score(self) -> float:
+        """Held-out PSNR of damped TaylorSeer O1 (g fitted on the training split) on the current schedule."""
+        config = TaylorSeerConfig(order=1, damping=self.damping, **self._schedule_kwargs())
+        return self.closed_loop_error(config)["psnr"]
 
     @functools.cached_property
     def damping(self) -> float:
@@ -523,11 +667,13 @@ class Trainer:
 
     # -- the whole job -----------------------------------------------------------------------------------------------
     def run(self) -> LESAPredictor:
+        if self.cfg.schedule != "uniform":
+            self.place_full_steps()
         self.log(
             f"lesa train: {len(self.train_idx)} training / {len(self.val_idx)} held-out trajectories, "
             f"{self.num_steps} steps, interval {self.cfg.interval}, warmup {self.cfg.warmup}, windows "
             f"{','.join(map(str, self.windows))} "
-            f"({len(self.schedule.full_steps(self.num_steps))} full steps), phases {','.join(self.cfg.phases)}, "
+            f"(full steps {self.schedule.full_steps(self.num_steps)}), phases {','.join(self.cfg.phases)}, "
             f"target {self.cfg.target}, {self.cfg.seeds} seed(s)"
         )
         results = {}
@@ -542,13 +688,22 @@ class Trainer:
         predictor.eval()
         # one digest of the kept weights per rank: all equal, or the replicas drifted apart
         replicas = distributed.all_gather_objects(weights_digest(predictor))
-        sched = dict(interval=self.cfg.interval, warmup=self.cfg.warmup, count_flops=False)
+        sched = self._schedule_kwargs()
         baselines = {
             "FORA": self.closed_loop_error(FORAConfig(**sched)),
             "TaylorSeer O1": self.closed_loop_error(TaylorSeerConfig(order=1, **sched)),
         }
         damped = TaylorSeerConfig(order=1, damping=self.damping, **sched)
         baselines[f"TaylorSeer O1 damped (g {self.damping:.3f})"] = self.closed_loop_error(damped)
+        if self.schedule.searched:
+            uniform = StepSchedule(self.cfg.interval, self.cfg.warmup)
+            g = fit_damping(self.rec, uniform, self.train_idx)
+            damped = TaylorSeerConfig(
+                order=1, damping=g, interval=uniform.interval, warmup=uniform.warmup, count_flops=False
+            )
+            baselines[f"TaylorSeer O1 damped (g {g:.3f}), uniform schedule"] = self.closed_loop_error(damped)
+        linear = LinearForecastConfig(weights=self.linear_weights(3), **sched)
+        baselines["least-squares linear (3 full steps)"] = self.closed_loop_error(linear)
         baselines["LESA (this predictor)"] = self.score(predictor)
         summary = {
             "best_seed": best_seed,
@@ -556,6 +711,7 @@ class Trainer:
             "validation": baselines,
             "train_trajectories": len(self.train_idx),
             "val_trajectories": len(self.val_idx),
+            "start": self.start,
             "config": self.cfg.fingerprint(),
             "world_size": self.dist.world_size,
             "replica_digests": replicas,
@@ -585,7 +741,7 @@ def one_step_errors(predictor: LESAPredictor, rec: Recording, indices: list[int]
     """Teacher-forced one-step error (mean absolute error on the tap) at the schedule's cached steps, on recorded
     trajectories: the predictor from the recorded history, FORA and TaylorSeer O1 from the recorded full steps."""
     pc = predictor.config
-    schedule = StepSchedule(pc.interval, pc.warmup, tuple(pc.forced_full_steps))
+    schedule = pc.schedule()
     full = schedule.full_steps(pc.num_steps)
     sigmas = torch.tensor(pc.sigmas, dtype=torch.float32)
     device = next(predictor.parameters()).device
@@ -631,16 +787,26 @@ def _cpu_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def model_card(predictor: LESAPredictor, summary: dict, rec: Recording) -> str:
     pc = predictor.config
-    schedule = StepSchedule(pc.interval, pc.warmup, tuple(pc.forced_full_steps))
+    schedule = pc.schedule()
     full = len(schedule.full_steps(pc.num_steps))
+    size = rec.settings.get("height"), rec.settings.get("width")
+    size = f"{size[0]}x{size[1]}" if None not in size else "the pipeline's default size"
     rows = "\n".join(f"| {name} | {v['mse']:.4e} | {v['psnr']:.2f} |" for name, v in summary["validation"].items())
     seeds = "\n".join(
         f"| {s} | {r['best']['mse']:.4e} | {r['best']['psnr']:.2f} | {r['best_at']} |"
         for s, r in summary["seeds"].items()
     )
     cfg = summary["config"]
+    placed = (
+        f", placed by `--schedule {cfg.get('schedule')}`: {schedule.full_steps(pc.num_steps)}"
+        if schedule.searched
+        else ""
+    )
     memory = "the last K full-step features" if pc.memory == "full" else "the last K features"
-    start = "started at damped TaylorSeer O1" if cfg.get("gain_init") == "damped" else "started at reuse"
+    start = {
+        "damped": "started at damped TaylorSeer O1",
+        "linear": "per-step filters, started at the least-squares linear forecaster",
+    }.get(summary.get("start", cfg.get("gain_init")), "started at reuse")
     return f"""---
 library_name: lesa
 tags: [lesa, diffusion, caching, {pc.model_class}]
@@ -652,12 +818,12 @@ skipped and this predictor forecasts the tapped feature ({pc.tap}).
 
 - Base model: `{pc.base_model}` ({pc.model_class}); tap: {pc.tap}; feature width {pc.feature_dim}
 - Schedule: {pc.num_steps} steps, interval N = {pc.interval}, warm-up E = {pc.warmup}: {full} full steps
-  ({pc.num_steps / full:.2f}x fewer trunk executions)
+  ({pc.num_steps / full:.2f}x fewer trunk executions){placed}
 - Stages: thresholds {pc.thresholds} on sigma, windows K = {pc.windows}, history {pc.history}, contexts {pc.contexts}
 - Memory: {pc.memory} ({memory}); gain offset {pc.gain_bias:.4f} ({start})
 - Parameters: {predictor.num_parameters():,}
 - Training data: {summary["train_trajectories"]} training and {summary["val_trajectories"]} held-out trajectories
-  from `{rec.dir}` ({len(rec)} prompts recorded at {rec.settings.get("height")}x{rec.settings.get("width")})
+  from `{rec.dir}` ({len(rec)} prompts recorded at {size})
 - Training: phases {", ".join(cfg["phases"])}; gt {cfg["epochs_gt"]} epochs at lr {cfg["lr_gt"]}, clar
   {cfg["epochs_clar"]} epochs at lr {cfg["lr_clar"]} (cosine to {cfg["lr_min"]}); loss target {cfg["target"]}, per
   {cfg.get("loss", "step")}; batch {cfg["batch_size"]}; checkpoint by held-out {cfg.get("select", "mse")}; kept: seed

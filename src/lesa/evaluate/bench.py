@@ -24,7 +24,18 @@ from tqdm.auto import tqdm
 from ..adapters import get_adapter
 from ..io import atomic_path, atomic_write_text
 from ..record import Recording, read_prompts, record
-from .methods import FAMILIES, NEEDS_FIT_DATA, SEARCHED, Budget, Method, fixed_methods, lesa_methods, searched_method
+from .methods import (
+    FAMILIES,
+    NEEDS_FIT_DATA,
+    SAME_ON_ANY_PLACEMENT,
+    SEARCHED,
+    Budget,
+    Method,
+    bench_schedules,
+    fixed_methods,
+    lesa_methods,
+    searched_method,
+)
 from .work import GenerationWork, WorkMeter, trunk_executions
 
 
@@ -155,19 +166,21 @@ class Bench:
     def build_methods(self) -> list[Method]:
         cfg = self.cfg
         learned = lesa_methods(cfg.predictors, cfg.steps) if "lesa" in cfg.methods else {}
-        schedules = list(learned) or [(n, cfg.warmup) for n in cfg.intervals]
+        schedules = bench_schedules(list(learned) or [(n, cfg.warmup, ()) for n in cfg.intervals])
         rec, fit_prompts = self.fitting()
         search = fit_prompts[: cfg.search_prompts]
         methods: list[Method] = []
-        for interval, warmup in schedules:
-            budget = Budget(interval, warmup, cfg.steps)
-            methods += learned.get((interval, warmup), [])
+        for interval, warmup, explicit in schedules:
+            budget = Budget(interval, warmup, cfg.steps, explicit)
+            methods += learned.get((interval, warmup, explicit), [])
             for family in cfg.methods:
                 if family == "lesa":
                     continue
                 if family in NEEDS_FIT_DATA and rec is None:
                     self.notice(f"{family} skipped: it is fitted on trajectories; pass --fit-data or --fit-prompts")
                     continue
+                if budget.explicit and family in SAME_ON_ANY_PLACEMENT:
+                    continue  # it runs on the uniform placement of this budget, which follows
                 if family in SEARCHED:
                     if not search:
                         self.notice(f"{family} skipped: its threshold is searched on --fit-data/--fit-prompts prompts")

@@ -37,19 +37,27 @@ FAMILIES: tuple[str, ...] = (
 )
 NEEDS_FIT_DATA = ("taylorseer-damped", "linear")
 SEARCHED = ("teacache", "diffusers-fbcache", "diffusers-magcache")
+# methods that only match a budget's count of full steps, not where they lie: run once per budget
+SAME_ON_ANY_PLACEMENT = (*SEARCHED, "diffusers-taylorseer")
 
 
 @dataclass
 class Budget:
-    """A full-step budget: LESA's schedule (interval N, warm-up E) over `steps` steps."""
+    """A full-step budget: LESA's schedule (interval N, warm-up E) over `steps` steps; `explicit`: the full steps
+    after the warm-up of a searched schedule (a predictor's), which every fixed-schedule method then shares."""
 
     interval: int
     warmup: int
     steps: int
+    explicit: tuple[int, ...] = ()
 
     @property
     def schedule(self) -> StepSchedule:
-        return StepSchedule(self.interval, self.warmup)
+        return StepSchedule(self.interval, self.warmup, explicit=self.explicit)
+
+    @property
+    def name(self) -> str:
+        return f"N={self.interval}" + (" searched" if self.explicit else "")
 
     @property
     def full_steps(self) -> int:
@@ -57,7 +65,7 @@ class Budget:
 
     @property
     def label(self) -> str:
-        return f"{self.full_steps}/{self.steps}"
+        return f"{self.full_steps}/{self.steps}" + (" searched" if self.explicit else "")
 
 
 @dataclass
@@ -85,8 +93,8 @@ def _diffusers(config_factory: Callable[[], Any]) -> tuple[Callable, Callable]:
 
 def fixed_methods(family: str, budget: Budget, fit: Recording | None, fit_indices: list[int] | None) -> list[Method]:
     """Rows whose schedule is LESA's own (all but the learned and the searched ones)."""
-    sched = dict(interval=budget.interval, warmup=budget.warmup, count_flops=False)
-    n = f"N={budget.interval}"
+    sched = dict(interval=budget.interval, warmup=budget.warmup, explicit_full_steps=budget.explicit, count_flops=False)
+    n = budget.name
     if family == "fora":
         return [Method(f"FORA {n}", family, budget, *_ours(lesa.FORAConfig(**sched)))]
     if family in ("taylorseer-o1", "taylorseer-o2"):
@@ -137,7 +145,18 @@ def diffusers_taylorseer_rhythm(budget: Budget) -> tuple[int, int]:
     return best[1], best[2]
 
 
-def lesa_methods(predictors: list[str], steps: int) -> dict[tuple[int, int], list[Method]]:
+def bench_schedules(keys: list[tuple[int, int, tuple[int, ...]]]) -> list[tuple[int, int, tuple[int, ...]]]:
+    """The (interval, warmup, explicit full steps) budgets to run: each given one, and after a searched one the
+    uniform schedule of the same interval, so the baselines appear on both placements of the same budget."""
+    out: list[tuple[int, int, tuple[int, ...]]] = []
+    for interval, warmup, explicit in keys:
+        for key in ((interval, warmup, explicit), (interval, warmup, ())):
+            if key not in out:
+                out.append(key)
+    return out
+
+
+def lesa_methods(predictors: list[str], steps: int) -> dict[tuple[int, int, tuple[int, ...]], list[Method]]:
     """LESA rows grouped by budget; several predictors of one schedule are seeds of one row."""
     out: dict[tuple[int, int], list[Method]] = {}
     for directory in predictors:
@@ -145,10 +164,10 @@ def lesa_methods(predictors: list[str], steps: int) -> dict[tuple[int, int], lis
         pc = predictor.config
         if pc.num_steps != steps:
             raise ValueError(f"predictor {directory} was trained for {pc.num_steps} steps, the bench runs {steps}")
-        budget = Budget(pc.interval, pc.warmup, steps)
+        budget = Budget(pc.interval, pc.warmup, steps, tuple(pc.explicit_full_steps))
         config = lesa.LESAConfig(predictor=predictor, count_flops=False)
-        method = Method(f"LESA N={pc.interval}", "lesa", budget, *_ours(config), seed=str(directory))
-        out.setdefault((pc.interval, pc.warmup), []).append(method)
+        method = Method(f"LESA {budget.name}", "lesa", budget, *_ours(config), seed=str(directory))
+        out.setdefault((budget.interval, budget.warmup, budget.explicit), []).append(method)
     return out
 
 
@@ -204,7 +223,6 @@ def searched_method(
     iterations: int = 12,
 ) -> Method:
     """A method with its threshold searched so its mean trunk executions on the fitting prompts match `budget`."""
-    n = f"N={budget.interval}"
     fitted: dict[str, Any] = {}
     if family == "teacache":
         coefficients = teacache_polynomial(fit_generate, pipe)
@@ -258,5 +276,5 @@ def searched_method(
             f"no threshold in [0, {high}] reaches {budget.full_steps} trunk executions on the fitting prompts "
             f"(nearest {executions:.2f})"
         )
-    method.row = method.row.replace("matched", f"{n}-matched")
+    method.row = method.row.replace("matched", f"N={budget.interval}-matched")
     return method

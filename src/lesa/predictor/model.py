@@ -33,6 +33,7 @@ class PredictorConfig:
     interval: int = 7
     warmup: int = 3
     forced_full_steps: list[int] = field(default_factory=list)
+    explicit_full_steps: list[int] = field(default_factory=list)  # a searched schedule (`lesa train --schedule search`)
     thresholds: list[float] = field(default_factory=lambda: [0.9, 0.5])
     windows: list[int] = field(default_factory=lambda: [4, 8, 8])
     history: int = 8
@@ -47,6 +48,9 @@ class PredictorConfig:
     # forecast scaled by its extrapolation distance (step - f0) / (f0 - f1) as TaylorSeer O1 is
     memory: str = "steps"
     gain_bias: float = 0.0  # constant added to the gain network's output (a calibrated start, e.g. the damping)
+    # a learned (steps, history) table per context added to each step's folded filter: per-step filters, e.g.
+    # started at the least-squares linear forecaster (`lesa train --gain-init linear`)
+    step_filters: bool = False
     base_model: str = ""
     format_version: int = FORMAT_VERSION
 
@@ -66,6 +70,11 @@ class PredictorConfig:
             raise ValueError(f"gain must be 'kan' or 'mlp', got {self.gain!r}")
         if len(self.sigmas) < self.num_steps:
             raise ValueError(f"sigmas has {len(self.sigmas)} values for {self.num_steps} steps")
+        self.schedule()  # validates the schedule fields
+
+    def schedule(self) -> StepSchedule:
+        """The schedule the predictor was trained for."""
+        return StepSchedule(self.interval, self.warmup, tuple(self.forced_full_steps), tuple(self.explicit_full_steps))
 
     @classmethod
     def from_dict(cls, data: dict, source: str = "config") -> PredictorConfig:
@@ -117,8 +126,11 @@ class LESAPredictor(nn.Module):
             }
         )
 
-        schedule = StepSchedule(config.interval, config.warmup, tuple(config.forced_full_steps))
-        self.full_steps = schedule.full_steps(config.num_steps)
+        self.full_steps = config.schedule().full_steps(config.num_steps)
+        if config.step_filters:
+            self.step_filters = nn.ParameterDict(
+                {ctx: nn.Parameter(torch.zeros(config.num_steps, config.history)) for ctx in config.contexts}
+            )
 
     # -- routing and coefficients -------------------------------------------------------------------------------
     def past_steps(self, step: int) -> list[int]:
@@ -169,10 +181,22 @@ class LESAPredictor(nn.Module):
     def _coefficient_table(self, context: str, sigmas: torch.Tensor) -> list[tuple[list[float], float]]:
         table = []
         for step in range(self.config.num_steps):
-            c, c0 = self.expert(context, float(sigmas[step])).coefficients(float(sigmas[step]), sigmas)
-            r = self.reach(step)
-            table.append(((r * c).tolist(), r * float(c0)))
+            c, c0 = self.step_coefficients(context, step, sigmas)
+            table.append((c.tolist(), float(c0)))
         return table
+
+    def step_coefficients(self, context: str, step: int, sigmas: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(c, c0) of `step`: forecast = h[-1] + c0 + sum_k c[k] * window[k] over the last len(c) history entries
+        (oldest first); the stage expert's filter times its gain and the reach r, plus the step's own filter."""
+        sigma = float(sigmas[step])
+        c, c0 = self.expert(context, sigma).coefficients(sigma, sigmas)
+        r = self.reach(step)
+        c, c0 = r * c, r * c0
+        if self.config.step_filters:
+            own = self.step_filters[self.resolve_context(context)][step]
+            # a window of K entries is the last K of a window of `history` entries (pad_window pads the same way)
+            c = torch.cat([c.new_zeros(len(own) - len(c)), c]) + own
+        return c, c0
 
     # -- forecasting ----------------------------------------------------------------------------------------------
     @staticmethod
@@ -186,12 +210,8 @@ class LESAPredictor(nn.Module):
 
     def forecast(self, history: list[torch.Tensor], context: str, step: int, sigmas: torch.Tensor) -> torch.Tensor:
         """Differentiable forecast (training path): history entries are (…) tensors, oldest first."""
-        sigma = float(sigmas[step])
-        expert = self.expert(context, sigma)
-        c, c0 = expert.coefficients(sigma, sigmas)
-        r = self.reach(step)
-        c, c0 = r * c, r * c0
-        window = pad_window(history, expert.window)
+        c, c0 = self.step_coefficients(context, step, sigmas)
+        window = pad_window(history, len(c))
         out = history[-1] + c0
         for k, h in enumerate(window):
             out = out + c[k] * h
