@@ -14,7 +14,8 @@ python -m lesa.embedded.train_model --out runs/embedded --steps 2400 --timesteps
 lesa record --model embedded --prompts src/lesa/embedded/prompts/predictor_train.txt --out runs/rec-embedded --steps 50
 
 # 3. one predictor per schedule (50 steps, E = 3): N = 7 -> 10 full steps (5.00x), N = 10 -> 8 full steps (6.25x),
-#    with lesa train's default `calibrated` recipe; seed 0 is the default predictor, seed 1 the bench's second seed
+#    with lesa train's default `calibrated` recipe (its schedule plan keeps the uniform steps at N = 7 and places
+#    N = 10's at 0-3, 8, 17, 29, 41); seed 0 is the default predictor, seed 1 the bench's second seed
 for n in 7 10; do
   for seed in 0 1; do
     name="n$n"; [ "$seed" = 1 ] && name="n$n-seed1"

@@ -336,13 +336,13 @@ def test_linear_start_is_exactly_the_least_squares_forecaster(pipe, recording, t
     weights = fit_linear(recording, StepSchedule(7, 3), history=3, indices=trainer.train_idx)
     outputs = []
     try:
-        for config in (
+        for cache in (
             lesa.LESAConfig(predictor=predictor),
             lesa.LESAConfig(predictor=loaded),
             LinearForecastConfig(interval=7, warmup=3, weights=weights),
             lesa.TaylorSeerConfig(interval=7, warmup=3, order=1, damping=trainer.damping),
         ):
-            lesa.enable(pipe, config)
+            lesa.enable(pipe, cache)
             outputs.append(generate(pipe))
     finally:
         lesa.disable(pipe)
