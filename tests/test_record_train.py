@@ -11,6 +11,19 @@ from lesa.record import Recording, read_prompts, record
 from lesa.train import TrainConfig, Trainer, one_step_errors
 
 QUIET = dict(progress=False, log=lambda *_: None)
+# the `calibrated` recipe's settings at test size (closed loop only, cycle loss, started at damped TaylorSeer O1)
+QUICK_CALIBRATED = dict(
+    memory="full",
+    gain_init="damped",
+    windows=(3, 3, 3),
+    history=3,
+    phases=("clar",),
+    loss="cycle",
+    select="psnr",
+    batch_size=3,
+    kan_hidden=(8,),
+    val_fraction=0.25,
+)
 
 
 def rec_kwargs(**kw):
@@ -221,20 +234,7 @@ def test_full_step_memory_starts_exactly_at_damped_taylorseer(pipe, recording, t
 
 
 def test_cycle_loss_updates_once_per_cache_cycle_and_selects_by_psnr(pipe, recording, tmp_path):
-    config = TrainConfig(
-        memory="full",
-        gain_init="damped",
-        windows=(3, 3, 3),
-        history=3,
-        phases=("clar",),
-        epochs_clar=2,
-        loss="cycle",
-        target="output",
-        select="psnr",
-        batch_size=3,
-        kan_hidden=(8,),
-        val_fraction=0.25,
-    )
+    config = TrainConfig(**QUICK_CALIBRATED, epochs_clar=2, target="output")
     trainer = Trainer(recording, pipe, tmp_path / "p", config, **QUIET)
     # 50 steps, N = 7, E = 3: cycles after full steps 3, 10, 17, 24, 31, 38, 45 -> 7 cycles, one context
     assert trainer._updates_per_rollout("clar") == 7 and trainer._updates_per_rollout("gt") == 40
@@ -258,21 +258,8 @@ def test_schedule_search_is_stored_in_the_artefact_and_run(pipe, recording, tmp_
     from lesa.evaluate.methods import bench_schedules, fixed_methods, lesa_methods
     from lesa.runtime import get_runtime
 
-    config = TrainConfig(
-        interval=20,  # full steps 0..3, 23, 43: two to place, a quick search
-        memory="full",
-        gain_init="damped",
-        windows=(3, 3, 3),
-        history=3,
-        phases=("clar",),
-        epochs_clar=1,
-        loss="cycle",
-        select="psnr",
-        batch_size=3,
-        kan_hidden=(8,),
-        val_fraction=0.25,
-        schedule="search",
-    )
+    # interval 20: full steps 0..3, 23, 43, two to place, a quick search
+    config = TrainConfig(**QUICK_CALIBRATED, interval=20, epochs_clar=1, schedule="search")
     out = tmp_path / "p"
     monkeypatch.setattr(train_module, "SEARCH_TRAJECTORIES", 3)  # one minibatch per candidate
     predictor = Trainer(recording, pipe, out, config, **QUIET).run()

@@ -159,16 +159,20 @@ def refine_schedule(
     max_shift: int = 2,
     rounds: int = 4,
     log: Callable[[str], None] | None = None,
+    alternatives: Iterable[list[int]] = (),
 ) -> tuple[list[int], float]:
-    """Coordinate search over the full steps after the warm-up: move one at a time by up to `max_shift` steps
+    """Coordinate search over the full steps after the warm-up, from the best-scoring of `start` and
+    `alternatives` (other placements of the same count): move one at a time by up to `max_shift` steps
     (keeping them distinct, after step `warmup` and before `num_steps`) and keep a move whenever `score` (higher is
     better; e.g. the closed-loop PSNR of a forecaster on recorded trajectories) improves. A round tries every step
     and every shift; the search stops after a round with no improvement or after `rounds` rounds.
 
     Returns (full steps, their score); each schedule is scored once."""
     fixed = list(range(warmup + 1))
-    if start[: warmup + 1] != fixed or sorted(set(start)) != start or start[-1] >= num_steps:
-        raise ValueError(f"start must be sorted distinct steps < {num_steps} beginning with 0..{warmup}, got {start}")
+    starts = [list(start), *map(list, alternatives)]
+    for s in starts:
+        if s[: warmup + 1] != fixed or sorted(set(s)) != s or s[-1] >= num_steps or len(s) != len(start):
+            raise ValueError(f"start must be sorted distinct steps < {num_steps} beginning with 0..{warmup}, got {s}")
     seen: dict[tuple[int, ...], float] = {}
 
     def scored(steps: list[int]) -> float:
@@ -177,7 +181,8 @@ def refine_schedule(
             seen[key] = score(steps)
         return seen[key]
 
-    best, best_score = list(start), scored(start)
+    best = max(starts, key=scored)
+    best_score = scored(best)
     for round_ in range(rounds):
         improved = False
         for i in range(warmup + 1, len(best)):

@@ -79,12 +79,7 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("--val-fraction", type=float, default=0.2)
     tr.add_argument("--seeds", type=int, default=1, help="train K seeds, keep the best on validation")
     tr.add_argument("--seed", type=int, default=0)
-    tr.add_argument(
-        "--target",
-        choices=CHOICES["target"],
-        default=None,
-        help="closed-loop loss on the tapped feature (paper) or on the transformer output",
-    )
+    _choice(tr, "target", "closed-loop loss on the tapped feature (paper) or on the transformer output")
     tr.add_argument(
         "--thresholds",
         default=None,
@@ -93,18 +88,15 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("--windows", default=None, help="history window K per stage (paper: 4,8,8)")
     tr.add_argument("--kan-hidden", default="256,256", help="hidden widths of the gain KAN")
     tr.add_argument("--gain", choices=("kan", "mlp"), default="kan", help="temporal gain network (mlp: ablation)")
-    tr.add_argument(
-        "--memory",
-        choices=CHOICES["memory"],
-        default=None,
-        help="history of the last K features, forecasts included (paper), or of the last K full-step features",
+    _choice(
+        tr, "memory", "history of the last K features, forecasts included (paper), or of the last K full-step features"
     )
-    tr.add_argument(
-        "--gain-init",
-        choices=CHOICES["gain_init"],
-        default=None,
-        help="start at reuse (paper), at TaylorSeer O1 with the damping fitted on the recording (memory full) or "
-        "at the least-squares linear forecaster fitted there (needs --step-filters)",
+    _choice(
+        tr,
+        "gain_init",
+        "start at reuse (paper), at TaylorSeer O1 with the damping fitted on the recording (memory full) or "
+        "at the least-squares linear forecaster fitted there, or at the better of those two on the held-out split "
+        "(best; linear and best need --step-filters)",
     )
     tr.add_argument(
         "--step-filters",
@@ -112,20 +104,12 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="a learned filter per step on top of the stage experts' (memory full)",
     )
-    tr.add_argument(
-        "--loss",
-        choices=CHOICES["loss"],
-        default=None,
-        help="closed-loop loss per cached step (paper) or integrated over each cache cycle",
-    )
-    tr.add_argument(
-        "--select", choices=CHOICES["select"], default=None, help="held-out score that picks the kept checkpoint"
-    )
-    tr.add_argument(
-        "--schedule",
-        choices=CHOICES["schedule"],
-        default=None,
-        help="where the full steps go: every N steps (uniform); the same number placed by dynamic programming on "
+    _choice(tr, "loss", "closed-loop loss per cached step (paper) or integrated over each cache cycle")
+    _choice(tr, "select", "held-out score that picks the kept checkpoint")
+    _choice(
+        tr,
+        "schedule",
+        "where the full steps go: every N steps (uniform); the same number placed by dynamic programming on "
         "recorded errors (plan); plan plus a closed-loop search (search, slow). plan/search keep uniform unless "
         "better on the held-out split",
     )
@@ -190,6 +174,11 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--clip", default=None, help="local CLIP model directory for the CLIP score")
     b.add_argument("--image-reward", default=None, help="local ImageReward checkpoint (needs the ImageReward package)")
     return parser
+
+
+def _choice(parser: argparse.ArgumentParser, name: str, help: str) -> None:
+    """A `lesa train` option taking one of TrainConfig's allowed values (`train.CHOICES`); unset, the recipe's."""
+    parser.add_argument(f"--{name.replace('_', '-')}", choices=CHOICES[name], default=None, help=help)
 
 
 def _ints(text: str, name: str) -> tuple[int, ...]:

@@ -185,8 +185,7 @@ class Trainer:
         self.progress = progress and self.dist.is_main
         self.settings = recording.settings
         self.num_steps = self.settings["steps"]
-        self.schedule = StepSchedule(config.interval, config.warmup)
-        self.cached_steps = self.schedule.cached_steps(self.num_steps)
+        self._use_schedule(StepSchedule(config.interval, config.warmup))
         if not self.cached_steps:
             raise ValueError(
                 f"interval {config.interval} / warmup {config.warmup} leave no cached step in {self.num_steps} steps "
@@ -337,8 +336,9 @@ class Trainer:
             return self.closed_loop_error(config, search_idx)["psnr"]
 
         if refine:
-            first = max((uniform, planned), key=score)
-            out["searched"], value = refine_schedule(score, first, self.num_steps, self.cfg.warmup, log=self.log)
+            out["searched"], value = refine_schedule(
+                score, uniform, self.num_steps, self.cfg.warmup, log=self.log, alternatives=[planned]
+            )
             self.log(f"schedule search: {out['searched']} (training PSNR {value:.2f})")
         held_out = {}
         for name in out:
