@@ -61,3 +61,19 @@ def test_negative_prompt_and_guidance_change_the_output(untrained):
     plain = sample(untrained)
     assert not torch.equal(sample(untrained, negative_prompt="a blue square"), plain)
     assert not torch.equal(sample(untrained, guidance_scale=1.0), plain)
+
+
+def test_fine_tuning_starts_from_the_given_weights(tmp_path):
+    """train_model --init: at learning rate 0 the result is the initial model itself; a checkpoint started from other
+    weights is not resumed silently."""
+    from lesa.embedded import train_model
+    from lesa.embedded.loading import SHIPPED_DIR
+
+    args = ["--out", str(tmp_path / "run"), "--ship", str(tmp_path / "model"), "--steps", "1", "--batch", "2"]
+    args += ["--lr", "0", "--lr-min", "0", "--threads", "2"]
+    train_model.main([*args, "--init", str(SHIPPED_DIR)])
+    tuned = load_embedded(tmp_path / "model").transformer.state_dict()
+    for name, tensor in load_embedded().transformer.state_dict().items():
+        torch.testing.assert_close(tuned[name], tensor, rtol=1e-6, atol=1e-7, msg=name)
+    with pytest.raises(ValueError, match="was started with --init"):
+        train_model.main([*args, "--steps", "2"])

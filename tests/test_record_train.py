@@ -199,6 +199,15 @@ def test_training_needs_a_held_out_trajectory(pipe, recording, tmp_path):
         split_indices(1, 0.2)
     train, val = split_indices(10, 0.2)
     assert len(val) == 2 and not set(train) & set(val)
+    # one trajectory per prompt: grouping by prompt is the plain split
+    assert split_indices(10, 0.2, [f"p{i}" for i in range(10)]) == (train, val)
+    # a prompt recorded with several seeds lies wholly on one side
+    prompts = [f"p{i % 5}" for i in range(15)]
+    train, val = split_indices(15, 0.2, prompts)
+    assert len(val) == 3 and len(train) == 12
+    assert not {prompts[i] for i in train} & {prompts[i] for i in val}
+    with pytest.raises(ValueError, match="at least 2 distinct prompts"):
+        split_indices(3, 0.2, ["same"] * 3)
 
 
 def test_full_step_memory_starts_exactly_at_damped_taylorseer(pipe, recording, tmp_path):

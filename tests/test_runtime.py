@@ -157,3 +157,50 @@ def test_no_trunk_block_runs_on_a_cached_step(clean):
             h.remove()
     assert len(calls) == 10 * len(blocks)
     assert lesa.summary(pipe)["trunk_executions"] == 10
+
+
+def test_residual_mode_forecasts_what_the_trunk_adds(clean):
+    """residual=True: a cached step's tap is its own trunk input plus the forecast of (tap - trunk input)."""
+    pipe = clean
+    inputs, taps = {}, {}
+    first = pipe.transformer.transformer_blocks[0]
+    handle = first.register_forward_pre_hook(
+        lambda m, a, kw: inputs.__setitem__(len(inputs), kw["hidden_states"].clone()), with_kwargs=True
+    )
+    try:
+        runtime = lesa.enable(pipe, lesa.FORAConfig(interval=7, residual=True))
+        runtime.observers.append(lambda e: taps.__setitem__(e.step, (e.full, e.tap.clone())))
+        cached = generate(pipe)
+    finally:
+        handle.remove()
+    full = [s for s, (is_full, _) in taps.items() if is_full]
+    assert lesa.summary(pipe)["full_steps"] == len(full) == 10
+    for step, (is_full, tap) in taps.items():
+        if not is_full:
+            last = max(f for f in full if f < step)
+            expected = inputs[step] + (taps[last][1] - inputs[last])
+            torch.testing.assert_close(tap, expected)
+    # it differs from reusing the whole feature, and every step full stays exact
+    lesa.enable(pipe, lesa.FORAConfig(interval=7))
+    assert not torch.allclose(generate(pipe), cached)
+    lesa.disable(pipe)
+    reference = generate(pipe)
+    lesa.enable(pipe, lesa.TaylorSeerConfig(interval=1, residual=True))
+    torch.testing.assert_close(generate(pipe), reference, atol=1e-6, rtol=0)
+
+
+def test_residual_mode_is_refused_where_it_has_no_meaning(clean):
+    from lesa.adapters import QWEN_IMAGE
+
+    assert not QWEN_IMAGE.residual_stream
+    with pytest.raises(ValueError, match="residual=True needs a tap on the trunk's residual stream"):
+        lesa.apply_lesa_cache(_FakeQwen(), lesa.FORAConfig(residual=True))
+    with pytest.raises(ValueError, match="what it was trained on, the tapped feature"):
+        lesa.LESAConfig(predictor=predictor_for(clean), residual=True)
+
+
+class _FakeQwen(torch.nn.Module):
+    """Only its class name matters: the adapter check comes before any hook."""
+
+
+_FakeQwen.__name__ = "QwenImageTransformer2DModel"

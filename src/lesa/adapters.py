@@ -24,6 +24,9 @@ class ModelAdapter:
         None where TeaCache is not supported.
     stage_thresholds: the model's default sigma thresholds between the predictor's noise stages (a trained predictor
         stores its own; `lesa train --thresholds` overrides this default).
+    residual_stream: the tapped feature is the trunk's residual stream itself (the first trunk block's
+        `hidden_states` input plus what the blocks add), so a policy may forecast only what the blocks add
+        (`CacheConfig.residual`).
     """
 
     model_class: str
@@ -38,6 +41,7 @@ class ModelAdapter:
     modulation: str | None = None
     modulation_argument: str = "temb"
     stage_thresholds: tuple[float, ...] = (0.9, 0.5)
+    residual_stream: bool = False
 
     def __post_init__(self) -> None:
         if self.tap_point not in ("input", "output"):
@@ -60,6 +64,7 @@ FLUX = ModelAdapter(
     tap="image-token hidden state after the last single-stream block, before norm_out",
     timestep_scale=1.0,  # the pipeline passes sigma in [0, 1]; the model multiplies by 1000 itself
     modulation="norm1",
+    residual_stream=True,
 )
 
 # Qwen-Image: the paper's tap, after the output norm (which applies this step's timestep modulation), before the
@@ -102,6 +107,7 @@ WAN = ModelAdapter(
     tap_point="input",
     tap="image-token hidden state after the last block, before norm_out",
     timestep_scale=1000.0,  # WanPipeline also passes step_index and sigma in its cache context; those win
+    residual_stream=True,
 )
 
 # SD3 (MMDiT): an adapter entry alone; same tap as FLUX.
@@ -113,6 +119,7 @@ SD3 = ModelAdapter(
     tap_point="input",
     tap="image-token hidden state after the last joint block, before norm_out",
     timestep_scale=1000.0,
+    residual_stream=True,
 )
 
 ADAPTERS: dict[str, ModelAdapter] = {a.model_class: a for a in (FLUX, QWEN_IMAGE, HUNYUAN_VIDEO, WAN, SD3)}

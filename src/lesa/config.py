@@ -21,6 +21,9 @@ class CacheConfig:
     forced_full_steps: tuple[int, ...] = field(default_factory=tuple)
     explicit_full_steps: tuple[int, ...] = field(default_factory=tuple)  # a searched schedule (see StepSchedule)
     count_flops: bool = True
+    # forecast only what the trunk adds to its input (tap minus the first block's input, which a cached step still
+    # computes from its own latent), not the whole tapped feature; needs an adapter with `residual_stream`
+    residual: bool = False
 
     name = "none"
     adaptive = False  # True: the policy decides at the first trunk block whether a step is full
@@ -107,6 +110,11 @@ class LESAConfig(CacheConfig):
     def __post_init__(self) -> None:
         if self.predictor is None:
             raise ValueError("LESAConfig needs a predictor: LESAConfig(predictor=DIR or LESAPredictor)")
+        if self.residual:
+            raise ValueError(
+                "LESAConfig: a predictor forecasts what it was trained on, the tapped feature; residual=True is for "
+                "the fixed forecasters (FORA, TaylorSeer, linear)"
+            )
         if not isinstance(self.predictor, LESAPredictor):
             self.predictor = LESAPredictor.from_pretrained(self.predictor)
         pc = self.predictor.config

@@ -79,6 +79,7 @@ class ContextState(BaseState):
         self.tap: torch.Tensor | None = None
         self.dtype: torch.dtype | None = None  # the model's dtype: policies keep their history in it
         self.tap_dtype: torch.dtype | None = None  # dtype the tap module received on the last full step
+        self.trunk_input: torch.Tensor | None = None  # the first trunk block's hidden_states (residual mode)
 
     def reset(self) -> None:
         self.policy = None
@@ -99,6 +100,11 @@ class CacheRuntime:
         if config.adaptive and self.adapter.modulation is None:
             raise ValueError(
                 f"{config.name} needs a modulation probe, which the {self.adapter.model_class} adapter lacks"
+            )
+        if config.residual and not self.adapter.residual_stream:
+            raise ValueError(
+                f"{config.name} with residual=True needs a tap on the trunk's residual stream; the "
+                f"{self.adapter.model_class} adapter taps the {self.adapter.tap}"
             )
         self.config = config
         self.schedule = config.schedule()
@@ -156,6 +162,7 @@ class CacheRuntime:
         # adaptive methods decide at the first trunk block; until then the step counts as full
         state.full = self.config.adaptive or self.schedule.is_full(step, state.last_full)
         state.tap = None
+        state.trunk_input = None
         state.dtype = dtype
         return context.name, state
 
@@ -274,6 +281,8 @@ class TrunkBlockHook(ModelHook):
     def new_forward(self, module: nn.Module, *args, **kwargs):
         rt = self.runtime
         state: ContextState = rt.state_manager.get_state()
+        if self.first and rt.config.residual:
+            state.trunk_input = self._arg("hidden_states", args, kwargs)
         if self.first and rt.config.adaptive:
             adapter = rt.adapter
             hidden = self._arg("hidden_states", args, kwargs)
@@ -299,17 +308,33 @@ class TapHook(ModelHook):
 
     def _exchange(self, feature: torch.Tensor) -> torch.Tensor:
         state: ContextState = self.runtime.state_manager.get_state()
+        base = self._trunk_input(state, feature) if self.runtime.config.residual else None
         if state.full:
             state.tap_dtype = feature.dtype
+            stored = feature if base is None else feature - base
             # history in the model's dtype (e.g. Wan hands norm_out an fp32 copy of a bf16 feature)
-            stored = feature if state.dtype is None or not feature.is_floating_point() else feature.to(state.dtype)
+            if state.dtype is not None and stored.is_floating_point():
+                stored = stored.to(state.dtype)
             state.policy.observe(stored, state.current_step, state.current_sigma)
         else:
             feature = state.policy.forecast(state.current_step, state.current_sigma)
+            if base is not None:
+                feature = base + feature
             if state.tap_dtype is not None:
                 feature = feature.to(state.tap_dtype)
         state.tap = feature
         return feature
+
+    @staticmethod
+    def _trunk_input(state: ContextState, feature: torch.Tensor) -> torch.Tensor:
+        base = state.trunk_input
+        if base is None or base.shape != feature.shape:
+            got = "nothing" if base is None else f"shape {tuple(base.shape)}"
+            raise RuntimeError(
+                f"residual mode: the first trunk block's hidden_states should match the tapped feature's shape "
+                f"{tuple(feature.shape)}, got {got}"
+            )
+        return base.to(feature.dtype)
 
     def pre_forward(self, module: nn.Module, *args, **kwargs):
         if self.runtime.adapter.tap_point != "input":

@@ -19,6 +19,7 @@ import hashlib
 import json
 import math
 import random
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -147,14 +148,29 @@ class TrainConfig:
         return a["psnr"] > b["psnr"] if self.select == "psnr" else a["mse"] < b["mse"]
 
 
-def split_indices(n: int, val_fraction: float) -> tuple[list[int], list[int]]:
-    """A fixed train / held-out split of n trajectories (independent of the training seed)."""
+def split_indices(n: int, val_fraction: float, groups: Sequence[str] | None = None) -> tuple[list[int], list[int]]:
+    """A fixed train / held-out split of n trajectories (independent of the training seed).
+
+    `groups` (e.g. each trajectory's prompt): trajectories of one group land on the same side, so a prompt recorded
+    with several seeds never is both trained on and held out; the split is drawn over groups, and with one
+    trajectory per group it is the plain split.
+    """
     if n < 2:
         raise ValueError(f"training needs at least 2 recorded trajectories (one held out for validation), got {n}")
-    order = list(range(n))
+    keys = list(groups) if groups is not None else list(range(n))
+    if len(keys) != n:
+        raise ValueError(f"split_indices: {len(keys)} groups for {n} trajectories")
+    members: dict = {}
+    for i, key in enumerate(keys):
+        members.setdefault(key, []).append(i)
+    if len(members) < 2:
+        raise ValueError(
+            f"training needs at least 2 distinct prompts (one held out for validation), got {len(members)}"
+        )
+    order = list(members.values())
     random.Random(1234).shuffle(order)
-    n_val = min(n - 1, max(1, round(n * val_fraction)))
-    return sorted(order[n_val:]), sorted(order[:n_val])
+    n_val = min(len(order) - 1, max(1, round(len(order) * val_fraction)))
+    return sorted(i for m in order[n_val:] for i in m), sorted(i for m in order[:n_val] for i in m)
 
 
 def cosine_lr(peak: float, floor: float, t: int, total: int) -> float:
@@ -196,7 +212,8 @@ class Trainer:
         # step's index can never fill; shrink K to what the schedule can supply (50 steps: no change).
         reach = max(self.cached_steps)
         self.windows = tuple(min(k, reach) for k in config.windows)
-        self.train_idx, self.val_idx = split_indices(len(recording), config.val_fraction)
+        prompts = [entry["prompt"] for entry in recording.entries]
+        self.train_idx, self.val_idx = split_indices(len(recording), config.val_fraction, prompts)
         self.device = pipe.transformer.device
         self.dtype = pipe.transformer.dtype
         self.sigmas = torch.tensor(recording.sigmas, dtype=torch.float32)

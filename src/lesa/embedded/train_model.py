@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from ..io import atomic_path, atomic_write_text
 from .checker import score
-from .loading import SHIPPED_DIR, new_pipeline, save_shipped
+from .loading import SHIPPED_DIR, load_embedded, new_pipeline, save_shipped
 from .pipeline import encode_text, image_ids, pack, predict_velocity
 from .scenes import prompts, sample_batch, splits
 
@@ -78,6 +78,12 @@ def main(argv: list[str] | None = None) -> None:
         default="uniform",
         help="training noise levels; logit-normal starves the high-noise steps that decide layout at this scale",
     )
+    parser.add_argument(
+        "--init",
+        default=None,
+        help="start from this embedded model's weights (e.g. the shipped one) instead of random ones: fine-tuning; "
+        "the optimizer and EMA start afresh",
+    )
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
 
@@ -88,6 +94,8 @@ def main(argv: list[str] | None = None) -> None:
     pipe = new_pipeline(args.seed)
     pipe.set_progress_bar_config(disable=True)
     model, text_encoder, tokenizer = pipe.transformer, pipe.text_encoder, pipe.tokenizer
+    if args.init is not None:
+        model.load_state_dict(load_embedded(args.init).transformer.state_dict())
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     ema = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -103,6 +111,8 @@ def main(argv: list[str] | None = None) -> None:
         generator.set_state(ckpt["torch_rng"])
         step, log, seconds = ckpt["step"], ckpt["log"], ckpt["seconds"]
         print(f"resuming from {ckpt_path} at step {step}")
+        if ckpt["args"].get("init") != args.init:
+            raise ValueError(f"{ckpt_path} was started with --init {ckpt['args'].get('init')}, not {args.init}")
     train_scenes = splits()["train"]
     check_captions = prompts("predictor")[:16]  # never the evaluation prompts
     img_ids = image_ids(32, 32)
