@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 import lesa
+from lesa.calibrate import cycles, fit_damping, fit_linear
 from lesa.config import CacheConfig, FORAConfig, LinearForecastConfig, TaylorSeerConfig
 from lesa.embedded.loading import SHIPPED_DIR, load_embedded
 from lesa.evaluate.metrics import psnr
@@ -82,38 +83,22 @@ class _ChannelLinearConfig(LinearForecastConfig):
         return _ChannelLinear(self.weights)
 
 
-def _cycles(schedule: StepSchedule) -> list[tuple[int, list[int]]]:
-    full = schedule.full_steps(STEPS)
-    return [(s, [f for f in full if f < s][::-1]) for s in range(STEPS) if s not in full]
+def channel_gram(trajectories: list[torch.Tensor]) -> np.ndarray:
+    """channels x steps x steps: every step's per-channel inner product with every other step, summed."""
+    return sum(torch.einsum("stc,utc->csu", f, f) for f in trajectories).numpy()
 
 
-def fit(trajectories: list[list[torch.Tensor]], schedule: StepSchedule) -> tuple[float, dict, dict]:
-    """(TaylorSeer O1 damping, shared linear weights, per-channel linear weights) by least squares."""
-    gram = None  # channels x steps x steps: every step's per-channel inner product with every other step
-    for features in trajectories:
-        f = torch.stack(features)
-        products = torch.einsum("stc,utc->csu", f, f)
-        gram = products if gram is None else gram + products
-    gram = gram.numpy()
-    shared = gram.sum(0)
-    numerator = denominator = 0.0
-    linear, per_channel = {}, {}
-    for s, before in _cycles(schedule):
-        if len(before) >= 2:  # damped TaylorSeer: x = k (F0 - F1) / d, fit g in F0 + g x ~ Fs
-            f0, f1 = before[:2]
-            k, d = s - f0, f0 - f1
-            xx = (k / d) ** 2 * (shared[f0, f0] - 2 * shared[f0, f1] + shared[f1, f1])
-            xy = (k / d) * (shared[f0, s] - shared[f1, s] - shared[f0, f0] + shared[f1, f0])
-            numerator, denominator = numerator + xy, denominator + xx
+def fit_per_channel(gram: np.ndarray, schedule: StepSchedule) -> dict[int, torch.Tensor]:
+    """Per cached step, least-squares weights over the last HISTORY full-step features, one vector per channel:
+    (history, channels)."""
+    weights = {}
+    for s, before in cycles(schedule, STEPS):
         use = before[:HISTORY]
-        eye = np.eye(len(use))
-        g = shared[np.ix_(use, use)]
-        linear[s] = [float(w) for w in np.linalg.solve(g + 1e-9 * np.trace(g) * eye, shared[use, s])]
-        gc = gram[:, use][:, :, use]
-        gc = gc + 1e-9 * np.trace(gc, axis1=1, axis2=2)[:, None, None] * eye
-        solved = np.linalg.solve(gc, gram[:, use, s][..., None])[..., 0]  # channels x history
-        per_channel[s] = torch.tensor(solved.T.copy(), dtype=torch.float32)
-    return numerator / denominator, linear, per_channel
+        g = gram[:, use][:, :, use]
+        g = g + 1e-9 * np.trace(g, axis1=1, axis2=2)[:, None, None] * np.eye(len(use))  # ridge, as fit_linear
+        solved = np.linalg.solve(g, gram[:, use, s][..., None])[..., 0]  # channels x history
+        weights[s] = torch.tensor(solved.T.copy(), dtype=torch.float32)
+    return weights
 
 
 def main() -> None:
@@ -145,9 +130,10 @@ def main() -> None:
         keep = _KeepConfig(residual=residual)
         for i, prompt in enumerate(prompts[: args.fit]):
             generate(prompt, i, keep)
-        trajectories = [t for per_context in keep.stores.values() for t in per_context]
+        trajectories = [torch.stack(t) for per_context in keep.stores.values() for t in per_context]
+        gram = None if residual else channel_gram(trajectories)
         for budget, schedule in BUDGETS.items():
-            damping, linear, per_channel = fit(trajectories, schedule)
+            damping, linear = fit_damping(trajectories, schedule), fit_linear(trajectories, schedule, HISTORY)
             print(f"{budget} {space}: fitted damping {damping:.3f}", flush=True)
             kw = dict(interval=schedule.interval, warmup=schedule.warmup, explicit_full_steps=schedule.explicit)
             configs[(budget, "FORA", space)] = FORAConfig(residual=residual, **kw)
@@ -155,7 +141,8 @@ def main() -> None:
             damped = TaylorSeerConfig(residual=residual, damping=damping, **kw)
             configs[(budget, "damped TaylorSeer O1", space)] = damped
             configs[(budget, "linear", space)] = LinearForecastConfig(residual=residual, weights=linear, **kw)
-            if not residual:
+            if gram is not None:
+                per_channel = fit_per_channel(gram, schedule)
                 configs[(budget, "linear per channel", space)] = _ChannelLinearConfig(weights=per_channel, **kw)
 
     scores: dict[tuple[str, str, str], list[float]] = {key: [] for key in configs}

@@ -8,7 +8,7 @@ predictor's training prompts, never on the prompts a benchmark evaluates.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -16,8 +16,12 @@ import torch
 from .record import Recording
 from .schedule import StepSchedule
 
+# What the fits read: a recording (its feature trajectories, optionally some of them) or trajectories already in
+# memory, each (steps, ...) - e.g. residuals an observer collected.
+FitData = Recording | Sequence[torch.Tensor]
 
-def _cycles(schedule: StepSchedule, num_steps: int) -> list[tuple[int, list[int]]]:
+
+def cycles(schedule: StepSchedule, num_steps: int) -> list[tuple[int, list[int]]]:
     """For every cached step, the full steps before it (newest first)."""
     full = schedule.full_steps(num_steps)
     out = []
@@ -26,48 +30,61 @@ def _cycles(schedule: StepSchedule, num_steps: int) -> list[tuple[int, list[int]
     return out
 
 
-def _trajectories(recording: Recording, indices: Iterable[int] | None) -> Iterable[torch.Tensor]:
-    """Each recorded feature trajectory (steps, ...) in its stored dtype: callers widen one step at a time, since a
-    whole float64 trajectory of a large model would not fit in memory (FLUX 1024x1024: 5 GB)."""
-    for i in range(len(recording)) if indices is None else indices:
-        tensors = recording.load(i)
-        for context in recording.contexts:
+def _num_steps(data: FitData) -> int:
+    if isinstance(data, Recording):
+        return len(data.sigmas) - 1
+    if not data:
+        raise ValueError("no trajectories to fit on")
+    return data[0].shape[0]
+
+
+def _where(data: FitData) -> str:
+    return str(data.dir) if isinstance(data, Recording) else "the given trajectories"
+
+
+def _trajectories(data: FitData, indices: Iterable[int] | None) -> Iterable[torch.Tensor]:
+    """Each feature trajectory (steps, ...) in its stored dtype: callers widen one step at a time, since a whole
+    float64 trajectory of a large model would not fit in memory (FLUX 1024x1024: 5 GB)."""
+    for i in range(len(data)) if indices is None else indices:
+        if not isinstance(data, Recording):
+            yield data[i]
+            continue
+        tensors = data.load(i)
+        for context in data.contexts:
             yield tensors[f"{context}.feature"]
 
 
-def fit_damping(recording: Recording, schedule: StepSchedule, indices: Iterable[int] | None = None) -> float:
+def fit_damping(data: FitData, schedule: StepSchedule, indices: Iterable[int] | None = None) -> float:
     """The g minimising sum ||F(f) + g * k * dF - F(s)||^2 over cached steps s (f the last full step, k = s - f,
     dF the first difference of the last two full steps): TaylorSeer O1 with a fitted step."""
-    num_steps = len(recording.sigmas) - 1
-    cycles = [(s, fulls) for s, fulls in _cycles(schedule, num_steps) if len(fulls) >= 2]
+    pairs = [(s, fulls) for s, fulls in cycles(schedule, _num_steps(data)) if len(fulls) >= 2]
     numerator = denominator = 0.0
-    for features in _trajectories(recording, indices):
-        for step, (f0, f1, *_) in cycles:
+    for features in _trajectories(data, indices):
+        for step, (f0, f1, *_) in pairs:
             last, before, target = (features[j].double() for j in (f0, f1, step))
             x = (step - f0) * (last - before) / (f0 - f1)
             numerator += float((x * (target - last)).sum())
             denominator += float((x * x).sum())
     if denominator == 0:
-        raise ValueError(f"{recording.dir}: no cached step has two full steps before it; cannot fit a damping")
+        raise ValueError(f"{_where(data)}: no cached step has two full steps before it; cannot fit a damping")
     return numerator / denominator
 
 
 def fit_linear(
-    recording: Recording, schedule: StepSchedule, history: int = 3, indices: Iterable[int] | None = None
+    data: FitData, schedule: StepSchedule, history: int = 3, indices: Iterable[int] | None = None
 ) -> dict[int, list[float]]:
     """Per cached step, least-squares weights over the last `history` full-step features (newest first)."""
-    num_steps = len(recording.sigmas) - 1
-    cycles = [(s, fulls[:history]) for s, fulls in _cycles(schedule, num_steps)]
-    gram = {s: np.zeros((len(f), len(f))) for s, f in cycles}
-    rhs = {s: np.zeros(len(f)) for s, f in cycles}
-    for features in _trajectories(recording, indices):
+    used = [(s, fulls[:history]) for s, fulls in cycles(schedule, _num_steps(data))]
+    gram = {s: np.zeros((len(f), len(f))) for s, f in used}
+    rhs = {s: np.zeros(len(f)) for s, f in used}
+    for features in _trajectories(data, indices):
         flat = features.flatten(1).double()
         products = (flat @ flat.T).numpy()  # every step's inner product with every other step
-        for step, fulls in cycles:
+        for step, fulls in used:
             gram[step] += products[np.ix_(fulls, fulls)]
             rhs[step] += products[fulls, step]
     weights = {}
-    for step, fulls in cycles:
+    for step, fulls in used:
         g = gram[step] + 1e-9 * np.trace(gram[step]) * np.eye(len(fulls))  # ridge against collinear features
         weights[step] = [float(w) for w in np.linalg.solve(g, rhs[step])]
     return weights

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from ..io import atomic_path, atomic_write_text
 from .checker import score
-from .loading import SHIPPED_DIR, load_embedded, new_pipeline, save_shipped
+from .loading import SHIPPED_DIR, new_pipeline, save_shipped
 from .pipeline import encode_text, image_ids, pack, predict_velocity
 from .scenes import prompts, sample_batch, splits
 
@@ -94,8 +94,11 @@ def main(argv: list[str] | None = None) -> None:
     pipe = new_pipeline(args.seed)
     pipe.set_progress_bar_config(disable=True)
     model, text_encoder, tokenizer = pipe.transformer, pipe.text_encoder, pipe.tokenizer
-    if args.init is not None:
-        model.load_state_dict(load_embedded(args.init).transformer.state_dict())
+    if args.init is not None:  # the transformer's weights only: the text encoder is the package's anyway
+        weights = Path(args.init) / "transformer"
+        if not weights.is_dir():
+            raise FileNotFoundError(f"--init {args.init} holds no embedded model (no transformer/ folder)")
+        model.load_state_dict(type(model).from_pretrained(weights).state_dict())
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     ema = {k: v.detach().clone() for k, v in model.state_dict().items()}
