@@ -64,16 +64,38 @@ def test_negative_prompt_and_guidance_change_the_output(untrained):
 
 
 def test_fine_tuning_starts_from_the_given_weights(tmp_path):
-    """train_model --init: at learning rate 0 the result is the initial model itself; a checkpoint started from other
-    weights is not resumed silently."""
+    """train_model --init: at learning rate 0 the result is the initial model itself (also through the bf16 and
+    object-weighted loss path); a checkpoint started from other weights is not resumed silently."""
     from lesa.embedded import train_model
     from lesa.embedded.loading import SHIPPED_DIR
 
     args = ["--out", str(tmp_path / "run"), "--ship", str(tmp_path / "model"), "--steps", "1", "--batch", "2"]
     args += ["--lr", "0", "--lr-min", "0", "--threads", "2"]
-    train_model.main([*args, "--init", str(SHIPPED_DIR)])
+    train_model.main([*args, "--init", str(SHIPPED_DIR), "--bf16", "--object-weight", "4"])
     tuned = load_embedded(tmp_path / "model").transformer.state_dict()
     for name, tensor in load_embedded().transformer.state_dict().items():
         torch.testing.assert_close(tuned[name], tensor, rtol=1e-6, atol=1e-7, msg=name)
     with pytest.raises(ValueError, match="was started with --init"):
         train_model.main([*args, "--steps", "2"])
+
+
+def test_object_weights_cover_the_shape_and_its_ring():
+    """--object-weight: the shape's pixels and a 1 px ring get the weight, the rest of the canvas 1."""
+    import numpy as np
+
+    from lesa.embedded.scenes import Scene, render
+    from lesa.embedded.train_model import object_weights
+
+    scenes = [Scene("square", "red", "small", "center", "white"), Scene("circle", "blue", "large", "top left", "black")]
+    images = np.stack([render(scene) for scene in scenes])
+    weights = object_weights(images, 4.0)
+    assert weights.shape == (2, 3, 32, 32)
+    assert set(weights.unique().tolist()) == {1.0, 4.0}
+    for image, weight in zip(images, weights, strict=True):
+        shape = (image != image[0, 0]).any(-1)
+        ys, xs = np.nonzero(shape)
+        ring = np.zeros_like(shape)
+        ring[ys.min() - 1 : ys.max() + 2, xs.min() - 1 : xs.max() + 2] = True  # bounding box grown by 1 px
+        heavy = (weight[0] == 4.0).numpy()
+        assert heavy[shape].all() and not heavy[~ring].any()
+    assert (weights[0, 0] == 4.0).sum() == 9 * 9  # a 7 px square and its ring
