@@ -105,8 +105,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--bf16",
         action="store_true",
-        help="bfloat16 autocast for the transformer (faster on CPUs "
-        "with AVX512-BF16 or AMX; weights, optimizer and EMA stay float32)",
+        help="bfloat16 autocast for the transformer (faster on CPUs with AVX512-BF16 or AMX; weights, optimizer "
+        "and EMA stay float32)",
     )
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
