@@ -33,9 +33,10 @@ def test_shipped_model_follows_held_out_prompts(shipped):
     _, _, full = shipped
     shares = score(full, PROMPTS)
     print("full compute, 8 evaluation prompts:", shares)
-    # measured on all 200 evaluation prompts: background, colour, position 1.00; size 0.88; shape 0.44
+    # measured on all 200 evaluation prompts: background, colour, position 1.00; size 0.985; shape and all 0.89
+    # (6 of these 8 here)
     assert shares["background"] == shares["colour"] == shares["position"] == 1.0
-    assert shares["all"] >= 0.5
+    assert shares["all"] >= 0.625
 
 
 @pytest.mark.parametrize(("name", "full_steps"), [("n7", 10), ("n10", 8)])
