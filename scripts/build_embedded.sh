@@ -15,10 +15,10 @@ python -m lesa.embedded.train_model --out runs/embedded --ship runs/embedded/mod
 python -m lesa.embedded.train_model --init runs/embedded/model --out runs/embedded-ft --ship runs/embedded-ft/model \
   --steps 1400 --lr 3e-4 --lr-min 5e-5 --warmup 50 --check-every 350
 #    c. 400 steps with the shape's pixels weighted 4x, bfloat16 autocast, constant lr (12 min)
-python -m lesa.embedded.train_model --init runs/embedded-ft/model --out runs/ab-w4 --ship runs/ab-w4/model \
+python -m lesa.embedded.train_model --init runs/embedded-ft/model --out runs/embedded-shape --ship runs/embedded-shape/model \
   --steps 400 --lr 3e-4 --lr-min 3e-4 --warmup 20 --bf16 --object-weight 4 --check-every 100000
 #    d. 4,000 steps the same way, cosine lr to 3e-5; writes the shipped weights (149 min)
-python -m lesa.embedded.train_model --init runs/ab-w4/model --out runs/long-w4 --steps 4000 --lr 3e-4 \
+python -m lesa.embedded.train_model --init runs/embedded-shape/model --out runs/embedded-long --steps 4000 --lr 3e-4 \
   --lr-min 3e-5 --warmup 50 --bf16 --object-weight 4 --check-every 500
 
 # 2. trajectories of the 100 predictor-training prompts (disjoint from training captions and evaluation prompts)
@@ -30,6 +30,9 @@ lesa record --model embedded --prompts src/lesa/embedded/prompts/predictor_train
 for n in 7 10; do
   for seed in 0 1; do
     name="n$n"; [ "$seed" = 1 ] && name="n$n-seed1"
+    if [ "$seed" = 1 ]; then  # the same schedule settings: reuse seed 0's placement instead of planning it again
+      mkdir -p "runs/pred-$name" && cp "runs/pred-n$n/schedule.json" "runs/pred-$name/"
+    fi
     lesa train --model embedded --data runs/rec-embedded --out "runs/pred-$name" --interval "$n" --warmup 3 \
       --batch-size 10 --seed "$seed"
     mkdir -p "src/lesa/embedded/predictors/$name"
