@@ -50,6 +50,10 @@ VARIANTS: dict[str, tuple[dict, str]] = {
         dict(RECIPES["paper"], epochs_gt=2, epochs_clar=6, loss="cycle", select="psnr"),
         "paper recipe with the cycle loss, checkpoint by PSNR",
     ),
+    "full+final": (
+        dict(FULL, phases=("clar",), epochs_clar=8, lr_clar=1e-3, loss="final"),
+        "full-step memory, start at damped TS, final-latent loss, 8 epochs at lr 1e-3",
+    ),
     "full+gt": (dict(FULL, phases=("gt", "clar"), epochs_gt=2, epochs_clar=4), "full-step memory, gt then clar"),
     "full+k2": (
         dict(FULL, windows=(2, 2, 2), history=2, phases=("clar",), epochs_clar=4, loss="cycle", target="output"),

@@ -25,12 +25,13 @@ python -m lesa.embedded.train_model --init runs/embedded-shape/model --out runs/
 lesa record --model embedded --prompts src/lesa/embedded/prompts/predictor_train.txt --out runs/rec-embedded --steps 50
 
 # 3. one predictor per schedule (50 steps, E = 3): N = 7 -> 10 full steps (5.00x), N = 10 -> 8 full steps (6.25x),
-#    with lesa train's default `calibrated` recipe (its schedule plan places N = 7's full steps at 0-3, 7, 13, 21,
-#    31, 38, 46 and keeps the uniform ones at N = 10); seed 0 is the default predictor, seed 1 the bench's second seed
+#    with lesa train's default `calibrated` recipe (its schedule plan trains seed 0 on the uniform placement and on
+#    one found by dynamic programming, and kept the latter at both N: 0-3, 7, 13, 21, 31, 38, 46 and 0-3, 9, 17, 29,
+#    40; 15-20 min each on one thread); seed 0 is the default predictor, seed 1 the bench's second seed
 for n in 7 10; do
   for seed in 0 1; do
     name="n$n"; [ "$seed" = 1 ] && name="n$n-seed1"
-    if [ "$seed" = 1 ]; then  # the same schedule settings: reuse seed 0's placement instead of planning it again
+    if [ "$seed" = 1 ]; then  # the same schedule settings: train on seed 0's kept placement only
       mkdir -p "runs/pred-$name" && cp "runs/pred-n$n/schedule.json" "runs/pred-$name/"
     fi
     lesa train --model embedded --data runs/rec-embedded --out "runs/pred-$name" --interval "$n" --warmup 3 \

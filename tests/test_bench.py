@@ -129,3 +129,12 @@ def test_bench_refuses_evaluation_prompts_used_for_fitting(tmp_path, recording):
     argv = ["bench", "--model", "tiny-random-flux", "--prompts", str(prompts), "--out", str(tmp_path / "b")]
     argv += ["--methods", "fora,taylorseer-damped", "--fit-data", str(recording.dir)]
     assert main(argv) == 2
+
+
+def test_bench_refuses_an_empty_timing_run_before_generating(tmp_path):
+    from lesa.evaluate.bench import BenchConfig
+
+    with pytest.raises(ValueError, match="timing_prompts must be at least 1, got 0"):
+        BenchConfig(prompts="p.txt", out=str(tmp_path), timing_prompts=0)
+    with pytest.raises(ValueError, match="repeats must be at least 1"):
+        BenchConfig(prompts="p.txt", out=str(tmp_path), repeats=0)

@@ -228,7 +228,7 @@ def test_two_ranks_train_both_phases_like_one_process(two_rank_run, one_process_
     assert log["seeds"]["0"]["best_at"] == log1["seeds"]["0"]["best_at"]
     for a, b in zip(log["seeds"]["0"]["log"], log1["seeds"]["0"]["log"], strict=True):
         assert (a["phase"], a["epoch"]) == (b["phase"], b["epoch"])
-        assert a.get("train_l1", 0) == pytest.approx(b.get("train_l1", 0), rel=1e-5)
+        assert a.get("train_loss", 0) == pytest.approx(b.get("train_loss", 0), rel=1e-5)
         assert a["val"]["mse"] == pytest.approx(b["val"]["mse"], rel=1e-4)
 
 

@@ -6,19 +6,20 @@ import pytest
 import torch
 from conftest import PROMPTS, SIZE, STEPS, kill_at_score
 
+import lesa
 import lesa.record as record_module
 from lesa.record import Recording, read_prompts, record
 from lesa.train import TrainConfig, Trainer, one_step_errors
 
 QUIET = dict(progress=False, log=lambda *_: None)
-# the `calibrated` recipe's settings at test size (closed loop only, cycle loss, started at damped TaylorSeer O1)
+# the `calibrated` recipe's settings at test size (closed loop only, final-latent loss, started at damped TaylorSeer O1)
 QUICK_CALIBRATED = dict(
     memory="full",
     gain_init="damped",
     windows=(3, 3, 3),
     history=3,
     phases=("clar",),
-    loss="cycle",
+    loss="final",
     select="psnr",
     batch_size=3,
     kan_hidden=(8,),
@@ -243,7 +244,7 @@ def test_full_step_memory_starts_exactly_at_damped_taylorseer(pipe, recording, t
 
 
 def test_cycle_loss_updates_once_per_cache_cycle_and_selects_by_psnr(pipe, recording, tmp_path):
-    config = TrainConfig(**QUICK_CALIBRATED, epochs_clar=2, target="output")
+    config = TrainConfig(**{**QUICK_CALIBRATED, "loss": "cycle"}, epochs_clar=2, target="output")
     trainer = Trainer(recording, pipe, tmp_path / "p", config, **QUIET)
     # 50 steps, N = 7, E = 3: cycles after full steps 3, 10, 17, 24, 31, 38, 45 -> 7 cycles, one context
     assert trainer._updates_per_rollout("clar") == 7 and trainer._updates_per_rollout("gt") == 40
@@ -259,8 +260,9 @@ def test_cycle_loss_updates_once_per_cache_cycle_and_selects_by_psnr(pipe, recor
 
 
 def test_schedule_search_is_stored_in_the_artefact_and_run(pipe, recording, tmp_path, monkeypatch):
-    """schedule "search": the full steps placed by the closed-loop search go into schedule.json and the predictor's
-    config, and a pipeline accelerated with the predictor runs exactly those steps; a resumed run does not search."""
+    """schedule "search": a predictor is trained on every candidate placement (uniform, planned, searched), the
+    placement whose predictor scores best on the held-out split goes into schedule.json and the predictor's config,
+    and a pipeline accelerated with the predictor runs exactly those steps; a resumed run does not search."""
     from conftest import generate
 
     import lesa.train as train_module
@@ -275,7 +277,13 @@ def test_schedule_search_is_stored_in_the_artefact_and_run(pipe, recording, tmp_
     saved = json.loads((out / "schedule.json").read_text())
     held_out = saved["held_out_psnr"]
     assert saved["uniform"] == [0, 1, 2, 3, 23, 43] and set(held_out) == {"uniform", "dynamic programming", "searched"}
-    assert saved["full_steps"] == saved[max(held_out, key=held_out.get)] != saved["uniform"]  # on this recording
+    trained = saved["trained_held_out_psnr"]
+    assert len(trained) >= 2 and set(trained) <= set(held_out)  # placements that differ, each trained on
+    assert trained[saved["kept"]] == max(trained.values())
+    assert saved["full_steps"] == saved[saved["kept"]] != saved["uniform"]  # on this recording
+    log = json.loads((out / "training_log.json").read_text())
+    assert log["validation"]["LESA (this predictor)"]["psnr"] == pytest.approx(trained[saved["kept"]])
+    assert "trained on each candidate placement: uniform" in (out / "README.md").read_text()
     assert predictor.full_steps == saved["full_steps"]
     assert predictor.config.explicit_full_steps == saved["full_steps"][4:]
     # the pipeline runs exactly those steps, with the predictor and with a baseline on the bench's budget of it
@@ -298,7 +306,6 @@ def test_schedule_search_is_stored_in_the_artefact_and_run(pipe, recording, tmp_
         finally:
             method.disable(pipe)
         assert full == saved["full_steps"], method.row
-    log = json.loads((out / "training_log.json").read_text())
     assert any(k.endswith("uniform schedule") for k in log["validation"])
 
     def no_search(*_args, **_kwargs):
@@ -358,3 +365,42 @@ def test_linear_start_is_exactly_the_least_squares_forecaster(pipe, recording, t
     c, c0 = table[12]
     folded = LESAPredictor.apply_coefficients([h.clone() for h in history], c, c0)
     assert torch.allclose(predictor.forecast(history, "cond", 12, trainer.sigmas), folded, atol=1e-5)
+
+
+def test_final_loss_back_propagates_through_the_sampler(pipe, recording, tmp_path):
+    """loss "final": one update per rollout, on the log MSE of the final latent, with gradients through the sampler:
+    for the cached steps after the last full step the gradient is exact (a central difference agrees); earlier
+    cached steps get gradients too, through the latents (their features in the history stay detached)."""
+    config = TrainConfig(**QUICK_CALIBRATED, step_filters=True, epochs_clar=1)
+    trainer = Trainer(recording, pipe, tmp_path / "p", config, **QUIET)
+    assert trainer._updates_per_rollout("clar") == 1
+    predictor = trainer.new_predictor(0)
+    (table,) = predictor.step_filters.values()  # one context: a (steps x K) filter table, one row per step
+    last_full = max(trainer.schedule.full_steps(trainer.num_steps))
+    batch = trainer.train_idx[:2]
+    data = [recording.load(i) for i in batch]
+    lesa.enable(pipe, lesa.LESAConfig(predictor=predictor, differentiable=True, count_flops=False))
+    try:
+        (grad,) = torch.autograd.grad(trainer.final_loss(batch, data), [table])
+        assert grad[trainer.cached_steps[0]].abs().sum() > 0  # the first cache cycle reaches the final latent
+        direction = torch.zeros_like(grad)
+        direction[last_full + 1 :] = grad[last_full + 1 :]
+        norm = float(direction.norm())
+        assert norm > 0
+
+        def loss_at(t: float) -> float:
+            with torch.no_grad():
+                table.add_(t * direction / norm)
+                value = float(trainer.final_loss(batch, data))
+                table.sub_(t * direction / norm)
+            return value
+
+        h = 1e-3
+        assert (loss_at(h) - loss_at(-h)) / (2 * h) == pytest.approx(norm, rel=0.02)
+    finally:
+        lesa.disable(pipe)
+    # trained: the kept predictor is no worse than its start on the held-out trajectories
+    trainer.run()
+    log = json.loads((tmp_path / "p" / "training_log.json").read_text())
+    assert log["seeds"]["0"]["best"]["psnr"] >= log["seeds"]["0"]["log"][0]["val"]["psnr"]
+    assert "train_loss" in log["seeds"]["0"]["log"][1]

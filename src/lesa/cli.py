@@ -104,14 +104,19 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="a learned filter per step on top of the stage experts' (memory full)",
     )
-    _choice(tr, "loss", "closed-loop loss per cached step (paper) or integrated over each cache cycle")
+    _choice(
+        tr,
+        "loss",
+        "closed-loop loss per cached step (paper), integrated over each cache cycle, or on the final latent "
+        "(back-propagated through the whole sampler)",
+    )
     _choice(tr, "select", "held-out score that picks the kept checkpoint")
     _choice(
         tr,
         "schedule",
         "where the full steps go: every N steps (uniform); the same number placed by dynamic programming on "
-        "recorded errors (plan); plan plus a closed-loop search (search, slow). plan/search keep uniform unless "
-        "better on the held-out split",
+        "recorded errors (plan); plan plus a closed-loop search (search, slow). plan/search train a predictor on "
+        "each placement, uniform included, and keep the one better on the held-out split",
     )
     tr.add_argument("--restart", action="store_true", help="ignore existing checkpoints in --out")
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import inspect
 import json
 import math
 import random
@@ -44,7 +45,7 @@ CHOICES = {
     "target": ("feature", "output"),
     "memory": ("steps", "full"),
     "gain_init": ("zero", "damped", "linear", "best"),
-    "loss": ("step", "cycle"),
+    "loss": ("step", "cycle", "final"),
     "select": ("mse", "psnr"),
     "schedule": ("uniform", "plan", "search"),
 }
@@ -53,18 +54,19 @@ SEARCH_TRAJECTORIES = 40  # training trajectories a schedule plan or search read
 
 # Named settings of `lesa train --recipe` (explicit options override them). "paper" is the faithful reproduction of
 # arXiv 2602.20497: TrainConfig's own defaults. "calibrated" starts from damped TaylorSeer O1 on a memory of
-# full-step features and trains against the error integrated over each cache cycle (BENCHMARKS.md, "Beyond the
-# paper").
+# full-step features, trains against the final latent's error back-propagated through the sampler, and keeps the
+# placement of the full steps whose trained predictor scores best (BENCHMARKS.md, "Beyond the paper").
 RECIPES: dict[str, dict[str, Any]] = {
     "paper": {},
     "calibrated": dict(
         memory="full",
         gain_init="damped",
         schedule="plan",
-        loss="cycle",
+        loss="final",
         select="psnr",
         phases=("clar",),
-        epochs_clar=4,
+        epochs_clar=8,
+        lr_clar=1e-3,
         windows=(3, 3, 3),
         history=3,
     ),
@@ -102,10 +104,13 @@ class TrainConfig:
     # higher on the held-out split
     gain_init: str = "zero"
     step_filters: bool = False  # a learned filter per step on top of the stage experts' (memory "full")
-    loss: str = "step"  # closed loop: "step" (each cached step) or "cycle" (the error integrated over a cache cycle)
+    # closed loop: "step" (each cached step), "cycle" (the error integrated over a cache cycle) or "final" (the log
+    # error of the final latent, back-propagated through the whole sampler: the held-out score itself)
+    loss: str = "step"
     select: str = "mse"  # held-out score that picks the kept checkpoint: final-latent "mse" or "psnr"
-    # where the interval's budget of full steps goes: "uniform" (every N steps), "plan" (dynamic programming on the
-    # teacher-forced error, kept if better on the held-out split) or "search" (also a closed-loop search, slow)
+    # where the interval's budget of full steps goes: "uniform" (every N steps), "plan" (also a placement by dynamic
+    # programming on the teacher-forced error; a predictor is trained on each and the better on the held-out split
+    # kept) or "search" (also a closed-loop search, slow)
     schedule: str = "uniform"
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -305,24 +310,35 @@ class Trainer:
         for fitted in ("damping", "start"):  # refit on the new schedule when next asked
             self.__dict__.pop(fitted, None)
 
-    def place_full_steps(self) -> None:
-        """Schedule "plan" / "search": of the candidates of `search_full_steps`, use the one with the best held-out
-        PSNR (uniform included). The choice is saved to `out/schedule.json`, which later runs of the same schedule
-        settings (a resumed run, another seed) read instead of searching again."""
+    def schedule_candidates(self) -> dict[str, list[int]]:
+        """Schedule "plan" / "search": the placements to train on, by name: those of `search_full_steps` (uniform
+        included, duplicates dropped), or the one kept before. The search is saved to `out/schedule.json` and, once
+        `run` has trained on every candidate, the kept one with it; later runs of the same schedule settings (a
+        resumed run, another seed) read it instead of searching again."""
         path = self.out / "schedule.json"
         key = self.schedule_settings()
         saved = distributed.on_main(lambda: json.loads(path.read_text()) if path.exists() else None)
-        if saved is not None and saved.get("settings") == key:
-            self.log(f"schedule: {saved['full_steps']} (placed before, {path})")
-        else:
+        if saved is not None and saved.get("settings") == key and "full_steps" in saved:
+            kept = saved.get("kept", "placed")
+            self.log(f"schedule: {kept} {saved['full_steps']} (kept before, {path})")
+            return {kept: saved["full_steps"]}
+        if saved is None or saved.get("settings") != key:
             saved = {"settings": key, **self.search_full_steps(refine=self.cfg.schedule == "search")}
-            held_out = saved["held_out_psnr"]
-            best = max(held_out, key=held_out.get)
-            saved["full_steps"] = saved[best]
-            self.log(f"schedule: keeping the {best} one, {saved['full_steps']}")
             if self.dist.is_main:
                 atomic_write_text(path, json.dumps(saved, indent=1) + "\n")
-        self._use_schedule(self._explicit(saved["full_steps"]))
+        candidates: dict[str, list[int]] = {}
+        for name in saved["held_out_psnr"]:
+            if saved[name] not in candidates.values():
+                candidates[name] = saved[name]
+        return candidates
+
+    def keep_schedule(self, name: str, trained: dict[str, float]) -> None:
+        """Record in `out/schedule.json` the placement kept and the held-out PSNR of the predictor trained on each."""
+        path = self.out / "schedule.json"
+        if self.dist.is_main:
+            saved = json.loads(path.read_text())
+            saved.update(kept=name, full_steps=saved[name], trained_held_out_psnr=trained)
+            atomic_write_text(path, json.dumps(saved, indent=1) + "\n")
 
     def schedule_settings(self) -> dict[str, Any]:
         """What a schedule search depends on (a saved search is reused only under the same settings)."""
@@ -331,12 +347,12 @@ class Trainer:
         return key
 
     def search_full_steps(self, refine: bool = True) -> dict[str, Any]:
-        """Place the uniform schedule's number of full steps for damped TaylorSeer O1 (its g fitted for the uniform
-        schedule): by dynamic programming on its teacher-forced error (`calibrate.search_schedule`), then, with
-        `refine`, by a closed-loop coordinate search (`calibrate.refine_schedule`, final-latent PSNR through the
-        pipeline) started from the better of uniform and that, both on up to SEARCH_TRAJECTORIES training
-        trajectories. Returns the schedules and damped TaylorSeer O1's held-out PSNR on each (g refitted per
-        schedule)."""
+        """Candidate placements of the uniform schedule's number of full steps, found for damped TaylorSeer O1 (its
+        g fitted for the uniform schedule): by dynamic programming on its teacher-forced error
+        (`calibrate.search_schedule`), then, with `refine`, by a closed-loop coordinate search
+        (`calibrate.refine_schedule`, final-latent PSNR through the pipeline) started from the better of uniform and
+        that, both on up to SEARCH_TRAJECTORIES training trajectories. Returns the schedules and damped TaylorSeer
+        O1's held-out PSNR on each (g refitted per schedule)."""
         uniform_schedule = StepSchedule(self.cfg.interval, self.cfg.warmup)
         self._use_schedule(uniform_schedule)
         uniform = uniform_schedule.full_steps(self.num_steps)
@@ -406,8 +422,9 @@ class Trainer:
         total: int,
         ddp: bool = False,
     ) -> float:
-        """One update from this rank's summed L1 error `loss_sum` (None: this rank has no data in the minibatch) over
-        a minibatch of `count` elements on all ranks together. Returns the minibatch's mean L1 (equal on all ranks).
+        """One update from this rank's summed loss `loss_sum` (L1 error, or log MSE with loss "final"; None: this rank
+        has no data in the minibatch) over a minibatch of `count` elements (trajectories with loss "final") on all
+        ranks together. Returns the minibatch's mean loss (equal on all ranks).
 
         Gradients are summed over ranks: with `ddp` by DistributedDataParallel during backward (it averages, so the
         loss carries the world size), otherwise by an explicit all-reduce after backward.
@@ -457,6 +474,8 @@ class Trainer:
     def _updates_per_rollout(self, phase: str) -> int:
         """Updates per minibatch: one per cached step and context, or with the cycle loss of phase clar one per cache
         cycle (run of cached steps) and context."""
+        if phase == "clar" and self.cfg.loss == "final":
+            return 1
         if phase == "clar" and self.cfg.loss == "cycle":
             steps = [s for s in self.cached_steps if s - 1 not in self.cached_steps]
         else:
@@ -516,6 +535,8 @@ class Trainer:
                     update(context, (error / weight).abs().sum())
 
         def observer(event: StepEvent) -> None:
+            if self.cfg.loss == "final":
+                return
             if event.full:
                 flush(event.context)
                 return
@@ -546,7 +567,13 @@ class Trainer:
                     data = [self.rec.load(i) for i in share]
                     for ctx in self.rec.contexts:
                         targets[ctx] = torch.stack([d[f"{ctx}.{key}"] for d in data], 1).float()
-                    self._run(share, data)
+                    if self.cfg.loss == "final":
+                        loss_sum = self.final_loss(share, data)
+                        losses.append(
+                            self._update(predictor, optimizer, state, loss_sum, batch_size, self.cfg.lr_clar, total)
+                        )
+                    else:
+                        self._run(share, data)
                     for ctx in list(pending):
                         flush(ctx)
                     if len(losses) - before != updates:
@@ -564,13 +591,29 @@ class Trainer:
                 p.requires_grad_(g)
         return sum(losses) / max(len(losses), 1)
 
-    def _run(self, batch: list[int], data: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+    def final_loss(self, batch: list[int], data: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+        """Loss "final": the summed log MSE of these trajectories' final latents against the recording, with
+        gradients through the whole sampler (the pipeline must run a differentiable LESAConfig). Its mean over
+        trajectories is the held-out score, mean PSNR, up to sign and scale. The features in the predictor's history
+        stay detached: a forecast reaches the loss through the latents and every later step, not through later
+        forecasts (exact back-propagation through the history diverged in training, BENCHMARKS.md)."""
+        final = self._run(batch, data, grad=True).float()
+        ref = torch.stack([d["final"] for d in data]).to(final.device, torch.float32)
+        return ((final - ref) ** 2).flatten(1).mean(1).log().sum()
+
+    def _run(self, batch: list[int], data: list[dict[str, torch.Tensor]], grad: bool = False) -> torch.Tensor:
+        """The pipeline on these trajectories' prompts and noise; `grad`: with autograd through the whole sampler
+        (diffusers pipelines run `__call__` under no_grad, so its undecorated function is called)."""
         prompts = [self.rec.entries[i]["prompt"] for i in batch]
         noise = torch.stack([d["noise"] for d in data]).to(self.device, self.dtype)
         kwargs = call_kwargs(self.settings, self.pipe)
         if isinstance(kwargs.get("negative_prompt"), str):  # one negative prompt per prompt of the batch
             kwargs["negative_prompt"] = [kwargs["negative_prompt"]] * len(prompts)
-        return pipeline_output(self.pipe(prompt=prompts, latents=noise, **kwargs))
+        if not grad:
+            return pipeline_output(self.pipe(prompt=prompts, latents=noise, **kwargs))
+        with torch.enable_grad():
+            call = inspect.unwrap(type(self.pipe).__call__)
+            return pipeline_output(call(self.pipe, prompt=prompts, latents=noise, **kwargs))
 
     # -- validation --------------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -595,8 +638,11 @@ class Trainer:
         return self.closed_loop_error(LESAConfig(predictor=predictor, count_flops=False))
 
     # -- one seed, resumable -----------------------------------------------------------------------------------------
-    def train_seed(self, seed: int) -> dict[str, Any]:
-        ckpt_path = self.out / "checkpoints" / f"seed{seed}.pt"
+    def train_seed(self, seed: int, placement: str | None = None) -> dict[str, Any]:
+        """Train one seed on the current schedule (`placement`: its name when the schedule was placed, which keeps
+        its checkpoints apart from other placements')."""
+        name = f"seed{seed}.pt" if placement is None else f"{placement.replace(' ', '-')}-seed{seed}.pt"
+        ckpt_path = self.out / "checkpoints" / name
         predictor = self.new_predictor(seed)
         distributed.broadcast_parameters(predictor)  # bit-identical replicas from the start, whatever the phase
         fingerprint = self.cfg.fingerprint()
@@ -645,7 +691,7 @@ class Trainer:
                     {
                         "phase": phase,
                         "epoch": epoch,
-                        "train_l1": loss,
+                        "train_loss": loss,
                         "val": val,
                         "lr": optimizer.param_groups[0]["lr"],
                     }
@@ -654,7 +700,7 @@ class Trainer:
                 if better:
                     ckpt.update(best=val, best_state=_cpu_state(predictor), best_at=f"{phase} {epoch}")
                 self.log(
-                    f"{desc}: train L1 {loss:.5f}, val latent MSE {val['mse']:.3e} "
+                    f"{desc}: train loss {loss:.5f}, val latent MSE {val['mse']:.3e} "
                     f"(PSNR {val['psnr']:.2f} dB){' *best*' if better else ''}"
                 )
                 ckpt.update(
@@ -684,22 +730,41 @@ class Trainer:
 
     # -- the whole job -----------------------------------------------------------------------------------------------
     def run(self) -> LESAPredictor:
-        if self.cfg.schedule != "uniform":
-            self.place_full_steps()
+        """Train every seed (and, with schedule "plan" / "search", on every candidate placement) and save the
+        predictor that scores best on the held-out split."""
+        placed = self.cfg.schedule != "uniform"
+        uniform = StepSchedule(self.cfg.interval, self.cfg.warmup).full_steps(self.num_steps)
+        candidates = self.schedule_candidates() if placed else {"uniform": uniform}
         self.log(
             f"lesa train: {len(self.train_idx)} training / {len(self.val_idx)} held-out trajectories, "
             f"{self.num_steps} steps, interval {self.cfg.interval}, warmup {self.cfg.warmup}, windows "
-            f"{','.join(map(str, self.windows))} "
-            f"(full steps {self.schedule.full_steps(self.num_steps)}), phases {','.join(self.cfg.phases)}, "
-            f"target {self.cfg.target}, {self.cfg.seeds} seed(s)"
+            f"{','.join(map(str, self.windows))}, phases {','.join(self.cfg.phases)}, "
+            f"target {self.cfg.target}, {self.cfg.seeds} seed(s), "
+            + "; ".join(f"{name} full steps {full}" for name, full in candidates.items())
         )
-        results = {}
-        for seed in range(self.cfg.seed, self.cfg.seed + self.cfg.seeds):
-            results[seed] = self.train_seed(seed)
-        best_seed = self.cfg.seed
-        for seed, result in results.items():
-            if self.cfg.better(result["best"], results[best_seed]["best"]):
-                best_seed = seed
+        results: dict[tuple[str, int], dict[str, Any]] = {}
+        for name, full in candidates.items():
+            self._use_schedule(self._explicit(full))
+            for seed in range(self.cfg.seed, self.cfg.seed + self.cfg.seeds):
+                results[name, seed] = self.train_seed(seed, name if placed else None)
+        best = next(iter(results))
+        for key, result in results.items():
+            if self.cfg.better(result["best"], results[best]["best"]):
+                best = key
+        kept, best_seed = best
+        trained = None
+        if len(candidates) > 1:
+            trained = {
+                name: max(r["best"]["psnr"] for (n, _), r in results.items() if n == name) for name in candidates
+            }
+            self.log(
+                f"schedule: keeping the {kept} one, {candidates[kept]} (held-out PSNR of the trained predictors: "
+                + ", ".join(f"{name} {v:.2f}" for name, v in trained.items())
+                + " dB)"
+            )
+            self.keep_schedule(kept, trained)
+        self._use_schedule(self._explicit(candidates[kept]))
+        results = {seed: r for (name, seed), r in results.items() if name == kept}
         predictor = self.new_predictor(best_seed)
         predictor.load_state_dict(results[best_seed]["best_state"])
         predictor.eval()
@@ -729,6 +794,7 @@ class Trainer:
             "train_trajectories": len(self.train_idx),
             "val_trajectories": len(self.val_idx),
             "start": self.start,
+            "placements": trained,
             "config": self.cfg.fingerprint(),
             "world_size": self.dist.world_size,
             "replica_digests": replicas,
@@ -814,11 +880,20 @@ def model_card(predictor: LESAPredictor, summary: dict, rec: Recording) -> str:
         for s, r in summary["seeds"].items()
     )
     cfg = summary["config"]
-    placed = (
-        f", placed by `--schedule {cfg.get('schedule')}`: {schedule.full_steps(pc.num_steps)}"
-        if schedule.searched
-        else ""
-    )
+    placed = ""
+    if schedule.searched:
+        placed = f", placed by `--schedule {cfg.get('schedule')}`: {schedule.full_steps(pc.num_steps)}"
+        if summary.get("placements"):
+            placed += " (held-out PSNR of the predictors trained on each candidate placement: " + ", ".join(
+                f"{name} {v:.2f} dB" for name, v in summary["placements"].items()
+            )
+            placed += ")"
+    loss = {
+        "step": f"L1 on the {cfg['target']}, per cached step",
+        "cycle": f"L1 on the {cfg['target']}, integrated over each cache cycle",
+        "final": "log MSE of the final latent, back-propagated through the sampler",
+    }[cfg.get("loss", "step")]
+    phases = "; ".join(f"{phase} {cfg[f'epochs_{phase}']} epochs at lr {cfg[f'lr_{phase}']}" for phase in cfg["phases"])
     memory = "the last K full-step features" if pc.memory == "full" else "the last K features"
     start = {
         "damped": "started at damped TaylorSeer O1",
@@ -841,10 +916,8 @@ skipped and this predictor forecasts the tapped feature ({pc.tap}).
 - Parameters: {predictor.num_parameters():,}
 - Training data: {summary["train_trajectories"]} training and {summary["val_trajectories"]} held-out trajectories
   from `{rec.dir}` ({len(rec)} prompts recorded at {size})
-- Training: phases {", ".join(cfg["phases"])}; gt {cfg["epochs_gt"]} epochs at lr {cfg["lr_gt"]}, clar
-  {cfg["epochs_clar"]} epochs at lr {cfg["lr_clar"]} (cosine to {cfg["lr_min"]}); loss target {cfg["target"]}, per
-  {cfg.get("loss", "step")}; batch {cfg["batch_size"]}; checkpoint by held-out {cfg.get("select", "mse")}; kept: seed
-  {summary["best_seed"]}
+- Training: {phases} (cosine to {cfg["lr_min"]}); closed-loop loss: {loss}; batch
+  {cfg["batch_size"]}; checkpoint by held-out {cfg.get("select", "mse")}; kept: seed {summary["best_seed"]}
 
 ## Measured validation error (held-out trajectories, closed loop, same schedule)
 Error of the final latent against the unaccelerated run from the same noise (lower MSE / higher PSNR is better).

@@ -66,6 +66,11 @@ class BenchConfig:
     clip: str | None = None
     image_reward: str | None = None
 
+    def __post_init__(self) -> None:
+        for name in ("repeats", "timing_prompts", "steps"):
+            if getattr(self, name) < 1:  # checked here, not after the hour of generation that precedes timing
+                raise ValueError(f"bench {name} must be at least 1, got {getattr(self, name)}")
+
 
 def mean_se(values: list[float]) -> tuple[float, float]:
     finite = [v for v in values if math.isfinite(v)]
