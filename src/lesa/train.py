@@ -535,8 +535,6 @@ class Trainer:
                     update(context, (error / weight).abs().sum())
 
         def observer(event: StepEvent) -> None:
-            if self.cfg.loss == "final":
-                return
             if event.full:
                 flush(event.context)
                 return
@@ -554,7 +552,9 @@ class Trainer:
         grads = [p.requires_grad for p in transformer.parameters()]
         transformer.requires_grad_(False)
         enable(self.pipe, config)
-        get_runtime(transformer).observers.append(observer)
+        final = self.cfg.loss == "final"  # one loss on the rollout's result: no per-step observer, no targets
+        if not final:
+            get_runtime(transformer).observers.append(observer)
         updates = self._updates_per_rollout("clar")
         try:
             for batch in tqdm(
@@ -565,14 +565,14 @@ class Trainer:
                 before = len(losses)
                 if share:
                     data = [self.rec.load(i) for i in share]
-                    for ctx in self.rec.contexts:
-                        targets[ctx] = torch.stack([d[f"{ctx}.{key}"] for d in data], 1).float()
-                    if self.cfg.loss == "final":
+                    if final:
                         loss_sum = self.final_loss(share, data)
                         losses.append(
                             self._update(predictor, optimizer, state, loss_sum, batch_size, self.cfg.lr_clar, total)
                         )
                     else:
+                        for ctx in self.rec.contexts:
+                            targets[ctx] = torch.stack([d[f"{ctx}.{key}"] for d in data], 1).float()
                         self._run(share, data)
                     for ctx in list(pending):
                         flush(ctx)
