@@ -138,3 +138,25 @@ def test_bench_refuses_an_empty_timing_run_before_generating(tmp_path):
         BenchConfig(prompts="p.txt", out=str(tmp_path), timing_prompts=0)
     with pytest.raises(ValueError, match="repeats must be at least 1"):
         BenchConfig(prompts="p.txt", out=str(tmp_path), repeats=0)
+
+
+def test_bench_runs_baselines_on_a_predictors_placement_without_its_rows(tmp_path, trained):
+    _, _, predictor_dir = trained
+    placed = tmp_path / "placed"
+    placed.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (placed / name).write_bytes((predictor_dir / name).read_bytes())
+    config = json.loads((placed / "config.json").read_text())
+    config["explicit_full_steps"] = [9, 17, 29, 40, 46]
+    (placed / "config.json").write_text(json.dumps(config))
+    prompts = tmp_path / "eval.txt"
+    prompts.write_text("an evaluation prompt\n")
+    out = tmp_path / "bench"
+    argv = ["bench", "--model", "tiny-random-flux", "--prompts", str(prompts), "--out", str(out), "--methods", "fora"]
+    argv += ["--predictor", str(placed), "--height", str(SIZE), "--width", str(SIZE), "--repeats", "1"]
+    argv += ["--timing-prompts", "1"]
+    assert main(argv) == 0
+    rows = {r["row"]: r for r in json.loads((out / "results.json").read_text())["rows"]}
+    assert set(rows) == {"full compute", "FORA N=7 searched", "FORA N=7"}
+    assert rows["FORA N=7 searched"]["trunk_executions"] == pytest.approx(4 + 5)
+    assert rows["FORA N=7"]["trunk_executions"] == pytest.approx(10)

@@ -153,7 +153,8 @@ def _parser() -> argparse.ArgumentParser:
         "--predictor",
         action="append",
         default=[],
-        help="LESA predictor directory (repeatable; several of one schedule are seeds of one row)",
+        help="LESA predictor directory (repeatable; several of one schedule are seeds of one row); its schedule "
+        "sets a budget, also when --methods leaves out lesa",
     )
     b.add_argument("--methods", default=",".join(FAMILIES), help=f"comma-separated subset of: {', '.join(FAMILIES)}")
     b.add_argument("--steps", type=int, default=50)

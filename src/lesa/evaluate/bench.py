@@ -170,14 +170,16 @@ class Bench:
     # -- methods ------------------------------------------------------------------------------------------------------
     def build_methods(self) -> list[Method]:
         cfg = self.cfg
-        learned = lesa_methods(cfg.predictors, cfg.steps) if "lesa" in cfg.methods else {}
+        # the predictors' schedules set the budgets, with or without their own rows
+        learned = lesa_methods(cfg.predictors, cfg.steps)
         schedules = bench_schedules(list(learned) or [(n, cfg.warmup, ()) for n in cfg.intervals])
         rec, fit_prompts = self.fitting()
         search = fit_prompts[: cfg.search_prompts]
         methods: list[Method] = []
         for interval, warmup, explicit in schedules:
             budget = Budget(interval, warmup, cfg.steps, explicit)
-            methods += learned.get((interval, warmup, explicit), [])
+            if "lesa" in cfg.methods:
+                methods += learned.get((interval, warmup, explicit), [])
             for family in cfg.methods:
                 if family == "lesa":
                     continue
