@@ -305,6 +305,8 @@ class Trainer:
         return cache[key]
 
     def _use_schedule(self, schedule: StepSchedule) -> None:
+        if schedule == getattr(self, "schedule", None):
+            return  # keep what was fitted on it (run() sets the kept schedule again after training)
         self.schedule = schedule
         self.cached_steps = schedule.cached_steps(self.num_steps)
         for fitted in ("damping", "start"):  # refit on the new schedule when next asked
