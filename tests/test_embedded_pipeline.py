@@ -99,3 +99,20 @@ def test_object_weights_cover_the_shape_and_its_ring():
         heavy = (weight[0] == 4.0).numpy()
         assert heavy[shape].all() and not heavy[~ring].any()
     assert (weights[0, 0] == 4.0).sum() == 9 * 9  # a 7 px square and its ring
+
+
+def test_caption_features_are_cached_and_equal_to_encoding_afresh(untrained):
+    """Training encodes each distinct caption once; the cached rows are those of a fresh batch encoding."""
+    from lesa.embedded.pipeline import encode_text
+    from lesa.embedded.train_model import CaptionFeatures
+
+    features = CaptionFeatures(untrained.text_encoder, untrained.tokenizer)
+    first = ["a red circle", "", "a blue square at the bottom"]
+    features(first)
+    batch = ["a blue square at the bottom", "a red circle", "a green triangle", "a red circle", ""]
+    tokens, pooled = features(batch)
+    assert len(features.cache) == 4
+    with torch.no_grad():
+        fresh_tokens, fresh_pooled = encode_text(untrained.text_encoder, untrained.tokenizer, batch)
+    torch.testing.assert_close(tokens, fresh_tokens, rtol=0, atol=1e-6)
+    torch.testing.assert_close(pooled, fresh_pooled, rtol=0, atol=1e-6)
