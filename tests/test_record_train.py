@@ -237,6 +237,25 @@ def test_full_step_memory_starts_exactly_at_damped_taylorseer(pipe, recording, t
     finally:
         lesa.disable(pipe)
     assert (ours - damped).abs().max() < 1e-4 < (ours - plain).abs().max()
+    # gain_init "reuse": exactly FORA until trained
+    reuse = Trainer(recording, pipe, tmp_path / "r", dataclasses.replace(config, gain_init="reuse"), **QUIET)
+    predictor = reuse.new_predictor(0)
+    assert predictor.config.gain_bias == 0.0
+    try:
+        lesa.enable(pipe, lesa.LESAConfig(predictor=predictor))
+        ours = generate(pipe)
+        lesa.enable(pipe, lesa.FORAConfig(interval=7, warmup=3))
+        fora = generate(pipe)
+    finally:
+        lesa.disable(pipe)
+    assert (ours - fora).abs().max() < 1e-4 < (ours - damped).abs().max()
+    # "best" (no step filters): whichever of reuse and damped TaylorSeer scores higher on the held-out split
+    best = Trainer(recording, pipe, tmp_path / "b", dataclasses.replace(config, gain_init="best"), **QUIET)
+    scores = {
+        "reuse": best.closed_loop_error(lesa.FORAConfig(interval=7, warmup=3))["psnr"],
+        "damped": best._damped_score(),
+    }
+    assert best.start == max(scores, key=scores.get)
     with pytest.raises(ValueError, match="need memory 'full'"):
         TrainConfig(gain_init="damped")
     with pytest.raises(ValueError, match="loss must be one of step, cycle"):
@@ -352,9 +371,11 @@ def test_linear_start_is_exactly_the_least_squares_forecaster(pipe, recording, t
     ours, reloaded, linear, damped = outputs
     assert (ours - linear).abs().max() < 1e-4 < (ours - damped).abs().max()
     assert torch.equal(ours, reloaded)
-    # "best" starts from whichever of the two scores higher on the held-out split
+    # "best" starts from whichever of reuse, damped TaylorSeer and the linear forecaster scores highest on the
+    # held-out split
     best = Trainer(recording, pipe, tmp_path / "b", dataclasses.replace(config, gain_init="best"), **QUIET)
     scores = {
+        "reuse": best.closed_loop_error(lesa.FORAConfig(interval=7, warmup=3))["psnr"],
         "damped": best._damped_score(),
         "linear": best.closed_loop_error(LinearForecastConfig(interval=7, warmup=3, weights=weights))["psnr"],
     }

@@ -94,9 +94,9 @@ def _parser() -> argparse.ArgumentParser:
     _choice(
         tr,
         "gain_init",
-        "start at reuse (paper), at TaylorSeer O1 with the damping fitted on the recording (memory full) or "
-        "at the least-squares linear forecaster fitted there, or at the better of those two on the held-out split "
-        "(best; linear and best need --step-filters)",
+        "start near reuse (zero: paper), exactly at reuse, at TaylorSeer O1 with the damping fitted on the recording "
+        "or at the least-squares linear forecaster fitted there (needs --step-filters), or at the best of those on "
+        "the held-out split (best); all but zero need memory full",
     )
     tr.add_argument(
         "--step-filters",

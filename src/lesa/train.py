@@ -44,7 +44,7 @@ PHASES = ("gt", "clar")
 CHOICES = {
     "target": ("feature", "output"),
     "memory": ("steps", "full"),
-    "gain_init": ("zero", "damped", "linear", "best"),
+    "gain_init": ("zero", "reuse", "damped", "linear", "best"),
     "loss": ("step", "cycle", "final"),
     "select": ("mse", "psnr"),
     "schedule": ("uniform", "plan", "search"),
@@ -53,14 +53,14 @@ SEARCH_TRAJECTORIES = 40  # training trajectories a schedule plan or search read
 
 
 # Named settings of `lesa train --recipe` (explicit options override them). "paper" is the faithful reproduction of
-# arXiv 2602.20497: TrainConfig's own defaults. "calibrated" starts from damped TaylorSeer O1 on a memory of
-# full-step features, trains against the final latent's error back-propagated through the sampler, and keeps the
-# placement of the full steps whose trained predictor scores best (BENCHMARKS.md, "Beyond the paper").
+# arXiv 2602.20497: TrainConfig's own defaults. "calibrated" starts from the better of reuse and damped TaylorSeer
+# O1 on a memory of full-step features, trains against the final latent's error back-propagated through the
+# sampler, and keeps the placement of the full steps whose trained predictor scores best (BENCHMARKS.md).
 RECIPES: dict[str, dict[str, Any]] = {
     "paper": {},
     "calibrated": dict(
         memory="full",
-        gain_init="damped",
+        gain_init="best",
         schedule="plan",
         loss="final",
         select="psnr",
@@ -99,9 +99,10 @@ class TrainConfig:
     kan_hidden: tuple[int, ...] = (256, 256)
     gain: str = "kan"
     memory: str = "steps"  # what the history holds: "steps" (paper) or "full" (full-step features only)
-    # "damped": start at TaylorSeer O1 with the damping fitted on the training trajectories; "linear" (needs
-    # step_filters): at the least-squares linear forecaster fitted there; "best": at whichever of the two scores
-    # higher on the held-out split
+    # "zero": near reuse (the paper: a small random gain); "reuse": exactly at reuse (FORA); "damped": at TaylorSeer
+    # O1 with the damping fitted on the training trajectories; "linear" (needs step_filters): at the least-squares
+    # linear forecaster fitted there; "best": at whichever of reuse, damped (and linear, with step_filters) scores
+    # highest on the held-out split of the current placement
     gain_init: str = "zero"
     step_filters: bool = False  # a learned filter per step on top of the stage experts' (memory "full")
     # closed loop: "step" (each cached step), "cycle" (the error integrated over a cache cycle) or "final" (the log
@@ -121,8 +122,8 @@ class TrainConfig:
         for name, allowed in CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
-        if self.gain_init in ("linear", "best") and not self.step_filters:
-            raise ValueError(f"gain_init {self.gain_init!r} sets the per-step filters: it needs step_filters")
+        if self.gain_init == "linear" and not self.step_filters:
+            raise ValueError("gain_init 'linear' sets the per-step filters: it needs step_filters")
         if (self.gain_init != "zero" or self.step_filters) and self.memory != "full":
             raise ValueError(
                 f"gain_init {self.gain_init!r} / step_filters {self.step_filters} act on full-step features: "
@@ -252,12 +253,12 @@ class Trainer:
             gain=self.cfg.gain,
             target=self.cfg.target,
             memory=self.cfg.memory,
-            gain_bias=self.damping if self.cfg.gain_init != "zero" else 0.0,
+            gain_bias=self.damping if self.start in ("damped", "linear") else 0.0,
             step_filters=self.cfg.step_filters,
             base_model=self.settings["model"],
         )
         predictor = LESAPredictor(config)
-        if self.cfg.gain_init != "zero":  # exactly damped TaylorSeer O1 until trained
+        if self.start != "zero":  # exactly reuse / damped TaylorSeer O1 until trained
             for experts in predictor.experts.values():
                 for expert in experts:
                     expert.zero_gain()
@@ -267,19 +268,22 @@ class Trainer:
 
     @functools.cached_property
     def start(self) -> str:
-        """Where a new predictor starts: gain_init, with "best" resolved to "damped" or "linear" by the closed-loop
-        held-out PSNR of damped TaylorSeer O1 and of the least-squares linear forecaster on the current schedule."""
+        """Where a new predictor starts: gain_init, with "best" resolved by the closed-loop held-out PSNR on the
+        current schedule of reuse (FORA), damped TaylorSeer O1 and, with step filters, the least-squares linear
+        forecaster. (A placement that suits reuse can leave damped TaylorSeer far behind: starting there, training
+        may not even climb back to reuse.)"""
         if self.cfg.gain_init != "best":
             return self.cfg.gain_init
-        history = min(self.cfg.history, max(self.windows))
         scores = {
+            "reuse": self.closed_loop_error(FORAConfig(**self._schedule_kwargs()))["psnr"],
             "damped": self._damped_score(),
-            "linear": self.closed_loop_error(
-                LinearForecastConfig(weights=self.linear_weights(history), **self._schedule_kwargs())
-            )["psnr"],
         }
+        if self.cfg.step_filters:
+            history = min(self.cfg.history, max(self.windows))
+            linear = LinearForecastConfig(weights=self.linear_weights(history), **self._schedule_kwargs())
+            scores["linear"] = self.closed_loop_error(linear)["psnr"]
         start = max(scores, key=scores.get)
-        self.log(f"start: {start} (held-out PSNR damped {scores['damped']:.2f}, linear {scores['linear']:.2f} dB)")
+        self.log(f"start: {start} (held-out PSNR " + ", ".join(f"{k} {v:.2f}" for k, v in scores.items()) + " dB)")
         return start
 
     @torch.no_grad()
@@ -898,9 +902,10 @@ def model_card(predictor: LESAPredictor, summary: dict, rec: Recording) -> str:
     phases = "; ".join(f"{phase} {cfg[f'epochs_{phase}']} epochs at lr {cfg[f'lr_{phase}']}" for phase in cfg["phases"])
     memory = "the last K full-step features" if pc.memory == "full" else "the last K features"
     start = {
+        "reuse": "started at reuse (FORA)",
         "damped": "started at damped TaylorSeer O1",
         "linear": "per-step filters, started at the least-squares linear forecaster",
-    }.get(summary.get("start", cfg.get("gain_init")), "started at reuse")
+    }.get(summary.get("start", cfg.get("gain_init")), "started near reuse")
     return f"""---
 library_name: lesa
 tags: [lesa, diffusion, caching, {pc.model_class}]

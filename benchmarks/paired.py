@@ -1,0 +1,82 @@
+"""Paired per-prompt differences between LESA and every other method of the same full-step count, from the
+`results.json` of one or more `lesa bench` runs over the same prompts and seeds.
+
+    python benchmarks/paired.py docs/bench-embedded-200/results.json [runs/other-bench/results.json ...]
+
+For each LESA row (the mean over its training seeds, per prompt) and each other method with as many full steps:
+the mean difference ± its standard error over prompts, the difference of each seed, and on how many prompts LESA
+is ahead. Rows of later files are labelled with their file; a baseline row name already read is not read again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+
+def mean_se(values: list[float]) -> tuple[float, float]:
+    n = len(values)
+    mean = sum(values) / n
+    var = sum((v - mean) ** 2 for v in values) / (n - 1) if n > 1 else 0.0
+    return mean, math.sqrt(var / n)
+
+
+def load_runs(paths: list[Path], metric: str) -> tuple[dict[str, dict], dict[str, dict]]:
+    """LESA rows (label -> {"count", "seeds": {seed: per-prompt}}) and the other methods (row -> {count, values})."""
+    lesa: dict[str, dict] = {}
+    others: dict[str, dict] = {}
+    n_prompts = None
+    for i, path in enumerate(paths):
+        try:
+            results = json.loads(path.read_text())
+            runs = results["runs"]
+        except (OSError, json.JSONDecodeError, KeyError) as e:
+            raise SystemExit(f"{path}: not a `lesa bench` results.json ({e})") from e
+        if n_prompts is not None and results["n_prompts"] != n_prompts:
+            raise SystemExit(f"{path}: {results['n_prompts']} prompts, the first file has {n_prompts}: not paired")
+        n_prompts = results["n_prompts"]
+        for run in runs.values():
+            values = run["per_prompt"].get(metric)
+            if run["budget"] is None or values is None:
+                continue  # the reference
+            count = int(run["budget"].split("/")[0])
+            if run["family"] == "lesa":
+                label = run["row"] if i == 0 else f"{run['row']} ({path.parent.name})"
+                lesa.setdefault(label, {"count": count, "seeds": {}})["seeds"][run["seed"]] = values
+            elif run["row"] not in others:
+                others[run["row"]] = {"count": count, "values": values}
+    return lesa, others
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("results", nargs="+", type=Path, help="results.json of `lesa bench` runs, same prompts")
+    parser.add_argument("--metric", default="psnr", help="per-prompt metric to pair (psnr, ssim, ...)")
+    args = parser.parse_args(argv)
+    lesa, others = load_runs(args.results, args.metric)
+    columns = ["LESA row (seed mean; seeds)", "other method", f"its {args.metric}", "LESA minus it (± s.e.; seeds)"]
+    print("| " + " | ".join([*columns, "prompts LESA leads"]) + " |")
+    print("|---|---|---|---|---|")
+    for label, row in lesa.items():
+        seeds = list(row["seeds"].values())
+        mean_per_prompt = [sum(v) / len(v) for v in zip(*seeds, strict=True)]
+        own = ", ".join(f"{mean_se(s)[0]:.2f}" for s in seeds)
+        head = f"{label}: {mean_se(mean_per_prompt)[0]:.2f} ({own})"
+        for name, other in others.items():
+            if other["count"] != row["count"]:
+                continue
+            diff = [a - b for a, b in zip(mean_per_prompt, other["values"], strict=True)]
+            m, se = mean_se(diff)
+            per_seed = ", ".join(
+                f"{mean_se([a - b for a, b in zip(s, other['values'], strict=True)])[0]:+.2f}" for s in seeds
+            )
+            wins = sum(d > 0 for d in diff)
+            cells = [head, name, f"{mean_se(other['values'])[0]:.2f}", f"{m:+.2f} ± {se:.2f} ({per_seed})"]
+            print("| " + " | ".join([*cells, f"{wins} of {len(diff)}"]) + " |")
+            head = ""
+
+
+if __name__ == "__main__":
+    main()
