@@ -2,8 +2,8 @@
 
     python -m lesa.embedded.train_model --out runs/embedded --ship runs/embedded/model --bf16
 
-The defaults are the one-run recipe (6,400 steps from scratch, the shape's pixels weighted 4x, about two hours on 2
-CPU cores with --bf16); the shipped weights came from a longer chain of runs (scripts/build_embedded.sh).
+The defaults are the recipe of the shipped weights: one run of 6,400 steps from scratch, the shape's pixels weighted
+4x (125.5 min on 2 CPU cores with --bf16; scripts/build_embedded.sh).
 
 Seeded, resumable (a checkpoint every --save-every steps, written atomically; rerun the same command to continue),
 EMA weights, a progress bar, and a periodic prompt-following check on held-out captions. At the end the EMA weights
