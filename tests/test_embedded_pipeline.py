@@ -65,7 +65,7 @@ def test_negative_prompt_and_guidance_change_the_output(untrained):
 
 def test_fine_tuning_starts_from_the_given_weights(tmp_path):
     """train_model --init: at learning rate 0 the result is the initial model itself (also through the bf16 and
-    object-weighted loss path); a checkpoint started from other weights is not resumed silently."""
+    object-weighted loss path); a checkpoint started from other weights or another schedule is not resumed silently."""
     from lesa.embedded import train_model
     from lesa.embedded.loading import SHIPPED_DIR
 
@@ -75,8 +75,10 @@ def test_fine_tuning_starts_from_the_given_weights(tmp_path):
     tuned = load_embedded(tmp_path / "model").transformer.state_dict()
     for name, tensor in load_embedded().transformer.state_dict().items():
         torch.testing.assert_close(tuned[name], tensor, rtol=1e-6, atol=1e-7, msg=name)
-    with pytest.raises(ValueError, match="was started with --init"):
+    with pytest.raises(ValueError, match="was started with --init .*, --steps 1, not --init None, --steps 2"):
         train_model.main([*args, "--steps", "2"])
+    with pytest.raises(ValueError, match="was started with --lr 0.0, not --lr 0.0001"):
+        train_model.main([*args, "--init", str(SHIPPED_DIR), "--bf16", "--object-weight", "4", "--lr", "1e-4"])
 
 
 def test_object_weights_cover_the_shape_and_its_ring():

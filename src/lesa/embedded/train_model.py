@@ -88,6 +88,22 @@ def prompt_following(pipe, ema_state: dict, captions: list[str], steps: int = 20
     return score(images, captions)
 
 
+# the options a resumed run must share with its checkpoint (the others, e.g. --stop-at or --threads, may change)
+RUN_DEFINING = (
+    "init",
+    "steps",
+    "batch",
+    "lr",
+    "lr_min",
+    "warmup",
+    "ema",
+    "drop_caption",
+    "seed",
+    "timesteps",
+    "object_weight",
+)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/embedded", help="checkpoints and logs")
@@ -151,6 +167,14 @@ def main(argv: list[str] | None = None) -> None:
     step, log, seconds = 0, [], 0.0
     if ckpt_path.exists():
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        changed = [k for k in RUN_DEFINING if k in ckpt["args"] and ckpt["args"][k] != getattr(args, k)]
+        if changed:  # resuming would silently mix two runs (two lr schedules, two losses, two starts)
+            was = ", ".join(f"--{k.replace('_', '-')} {ckpt['args'][k]}" for k in changed)
+            now = ", ".join(f"--{k.replace('_', '-')} {getattr(args, k)}" for k in changed)
+            raise ValueError(
+                f"{ckpt_path} was started with {was}, not {now}: rerun with the same options to resume it, or give "
+                "another --out"
+            )
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         ema = ckpt["ema"]
@@ -158,8 +182,6 @@ def main(argv: list[str] | None = None) -> None:
         generator.set_state(ckpt["torch_rng"])
         step, log, seconds = ckpt["step"], ckpt["log"], ckpt["seconds"]
         print(f"resuming from {ckpt_path} at step {step}")
-        if ckpt["args"].get("init") != args.init:
-            raise ValueError(f"{ckpt_path} was started with --init {ckpt['args'].get('init')}, not {args.init}")
     train_scenes = splits()["train"]
     check_captions = prompts("predictor")[:16]  # never the evaluation prompts
     img_ids = image_ids(32, 32)
