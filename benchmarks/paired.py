@@ -12,15 +12,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from pathlib import Path
 
-
-def mean_se(values: list[float]) -> tuple[float, float]:
-    n = len(values)
-    mean = sum(values) / n
-    var = sum((v - mean) ** 2 for v in values) / (n - 1) if n > 1 else 0.0
-    return mean, math.sqrt(var / n)
+from lesa.evaluate.bench import mean_se
 
 
 def load_runs(paths: list[Path], metric: str) -> tuple[dict[str, dict], dict[str, dict]]:

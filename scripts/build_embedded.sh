@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE=1
 #    --bf16; resumable). The weights shipped until 2026-11-28 came from a chain of four runs (5.5 h):
 #    `git show d696207:scripts/build_embedded.sh`.
 #    Writes the EMA weights into the package's model folder (`--ship`'s default).
-python -m lesa.embedded.train_model --out runs/embedded-2h --check-every 800 --bf16
+python -m lesa.embedded.train_model --out runs/embedded-2h --bf16
 
 # 2. trajectories of the 100 predictor-training prompts (disjoint from training captions and evaluation prompts)
 lesa record --model embedded --prompts src/lesa/embedded/prompts/predictor_train.txt --out runs/rec-embedded --steps 50

@@ -275,13 +275,13 @@ class Trainer:
         if self.cfg.gain_init != "best":
             return self.cfg.gain_init
         scores = {
-            "reuse": self.closed_loop_error(FORAConfig(**self._schedule_kwargs()))["psnr"],
+            "reuse": self.baseline_error(FORAConfig(**self._schedule_kwargs()))["psnr"],
             "damped": self._damped_score(),
         }
         if self.cfg.step_filters:
             history = min(self.cfg.history, max(self.windows))
             linear = LinearForecastConfig(weights=self.linear_weights(history), **self._schedule_kwargs())
-            scores["linear"] = self.closed_loop_error(linear)["psnr"]
+            scores["linear"] = self.baseline_error(linear)["psnr"]
         start = max(scores, key=scores.get)
         self.log(f"start: {start} (held-out PSNR " + ", ".join(f"{k} {v:.2f}" for k, v in scores.items()) + " dB)")
         return start
@@ -406,7 +406,7 @@ class Trainer:
     def _damped_score(self) -> float:
         """Held-out PSNR of damped TaylorSeer O1 (g fitted on the training split) on the current schedule."""
         config = TaylorSeerConfig(order=1, damping=self.damping, **self._schedule_kwargs())
-        return self.closed_loop_error(config)["psnr"]
+        return self.baseline_error(config)["psnr"]
 
     @functools.cached_property
     def damping(self) -> float:
@@ -640,6 +640,15 @@ class Trainer:
         mse, psnr, n = distributed.all_reduce_sum(sums).tolist()
         return {"mse": mse / n, "psnr": psnr / n}
 
+    def baseline_error(self, config: CacheConfig) -> dict[str, float]:
+        """`closed_loop_error` on the held-out split of a fixed (untrained) method, computed once per configuration:
+        the start of a predictor and the training log's baselines score the same ones."""
+        cache = self.__dict__.setdefault("_baseline_errors", {})
+        key = repr(config)  # the whole configuration, schedule included
+        if key not in cache:
+            cache[key] = self.closed_loop_error(config)
+        return cache[key]
+
     def score(self, predictor: LESAPredictor) -> dict[str, float]:
         return self.closed_loop_error(LESAConfig(predictor=predictor, count_flops=False))
 
@@ -778,20 +787,20 @@ class Trainer:
         replicas = distributed.all_gather_objects(weights_digest(predictor))
         sched = self._schedule_kwargs()
         baselines = {
-            "FORA": self.closed_loop_error(FORAConfig(**sched)),
-            "TaylorSeer O1": self.closed_loop_error(TaylorSeerConfig(order=1, **sched)),
+            "FORA": self.baseline_error(FORAConfig(**sched)),
+            "TaylorSeer O1": self.baseline_error(TaylorSeerConfig(order=1, **sched)),
         }
         damped = TaylorSeerConfig(order=1, damping=self.damping, **sched)
-        baselines[f"TaylorSeer O1 damped (g {self.damping:.3f})"] = self.closed_loop_error(damped)
+        baselines[f"TaylorSeer O1 damped (g {self.damping:.3f})"] = self.baseline_error(damped)
         if self.schedule.searched:
             uniform = StepSchedule(self.cfg.interval, self.cfg.warmup)
             g = fit_damping(self.rec, uniform, self.train_idx)
             damped = TaylorSeerConfig(
                 order=1, damping=g, interval=uniform.interval, warmup=uniform.warmup, count_flops=False
             )
-            baselines[f"TaylorSeer O1 damped (g {g:.3f}), uniform schedule"] = self.closed_loop_error(damped)
+            baselines[f"TaylorSeer O1 damped (g {g:.3f}), uniform schedule"] = self.baseline_error(damped)
         linear = LinearForecastConfig(weights=self.linear_weights(3), **sched)
-        baselines["least-squares linear (3 full steps)"] = self.closed_loop_error(linear)
+        baselines["least-squares linear (3 full steps)"] = self.baseline_error(linear)
         baselines["LESA (this predictor)"] = self.score(predictor)
         summary = {
             "best_seed": best_seed,
