@@ -425,3 +425,57 @@ def test_final_loss_back_propagates_through_the_sampler(pipe, recording, tmp_pat
     log = json.loads((tmp_path / "p" / "training_log.json").read_text())
     assert log["seeds"]["0"]["best"]["psnr"] >= log["seeds"]["0"]["log"][0]["val"]["psnr"]
     assert "train_loss" in log["seeds"]["0"]["log"][1]
+
+
+def test_anchor_pulls_every_update_back_toward_the_start(pipe, recording, tmp_path):
+    """--anchor: after each update every weight moves lr * anchor of its way back to its start (decoupled, like
+    AdamW's decay but toward the start); lr * anchor >= 1 keeps the start exactly, a smaller one shrinks the way."""
+
+    def moved(anchor: float) -> float:
+        config = TrainConfig(**QUICK_CALIBRATED, anchor=anchor)
+        trainer = Trainer(recording, pipe, tmp_path / f"a{anchor}", config, **QUIET)
+        predictor = trainer.new_predictor(0)
+        start = [p.detach().clone() for p in predictor.parameters()]
+        optimizer = torch.optim.AdamW(predictor.parameters(), lr=1e-2, weight_decay=0.0)
+        state = {"t": 0, "anchor": start}
+        for _ in range(5):
+            loss = sum((p - 1).pow(2).sum() for p in predictor.parameters())
+            trainer._update(predictor, optimizer, state, loss, 1, 1e-2, 5)
+        return sum(float((p - s).abs().sum()) for p, s in zip(predictor.parameters(), start, strict=True))
+
+    free, held, kept = moved(0.0), moved(20.0), moved(1e6)
+    assert kept == 0.0 < held < 0.8 * free
+    with pytest.raises(ValueError, match="anchor must be >= 0"):
+        TrainConfig(anchor=-1.0)
+
+
+def test_history_grad_makes_the_whole_gradient_exact(pipe, recording, tmp_path):
+    """--history-grad: the features in the predictor's history keep their gradients, so a forecast also reaches the
+    loss through every later forecast: the gradient over every step's filter agrees with a central difference, and
+    differs from the detached one on the early cycles."""
+
+    def gradient(history_grad: bool, check: bool) -> tuple[torch.Tensor, list[int]]:
+        config = TrainConfig(**QUICK_CALIBRATED, step_filters=True, epochs_clar=1, history_grad=history_grad)
+        trainer = Trainer(recording, pipe, tmp_path / f"h{history_grad}", config, **QUIET)
+        predictor = trainer.new_predictor(0)
+        (table,) = predictor.step_filters.values()
+        batch = trainer.train_idx[:2]
+        data = [recording.load(i) for i in batch]
+        lesa.enable(pipe, lesa.LESAConfig(predictor=predictor, differentiable=True, history_grad=history_grad))
+        try:
+            (grad,) = torch.autograd.grad(trainer.final_loss(batch, data), [table])
+            if check:
+                norm, h, values = float(grad.norm()), 1e-3, []
+                with torch.no_grad():
+                    for t in (h, -h):
+                        table.add_(t * grad / norm)
+                        values.append(float(trainer.final_loss(batch, data)))
+                        table.sub_(t * grad / norm)
+                assert (values[0] - values[1]) / (2 * h) == pytest.approx(norm, rel=0.02)
+        finally:
+            lesa.disable(pipe)
+        return grad, trainer.cached_steps
+
+    exact, cached = gradient(True, check=True)
+    detached, _ = gradient(False, check=False)
+    assert not torch.allclose(exact[cached[0]], detached[cached[0]])

@@ -74,6 +74,19 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("--epochs-clar", type=int, default=None, help="epochs of phase clar")
     tr.add_argument("--lr-gt", type=float, default=1e-3)
     tr.add_argument("--lr-clar", type=float, default=None)
+    tr.add_argument(
+        "--history-grad",
+        action="store_true",
+        help="closed loop: back-propagate through the features in the predictor's history too (exact gradient; "
+        "default: detached)",
+    )
+    tr.add_argument(
+        "--anchor",
+        type=float,
+        default=0.0,
+        help="decay toward the predictor's start instead of toward zero: after each update every weight moves "
+        "lr * ANCHOR of the way back to its start (a trust region around a calibrated start; default 0: off)",
+    )
     tr.add_argument("--lr-min", type=float, default=1e-4)
     tr.add_argument("--batch-size", type=int, default=8, help="trajectories per minibatch")
     tr.add_argument("--val-fraction", type=float, default=0.2)
@@ -265,6 +278,8 @@ def _train(args) -> int:
         thresholds=None if args.thresholds is None else _floats(args.thresholds, "thresholds"),
         kan_hidden=_ints(args.kan_hidden, "kan-hidden"),
         gain=args.gain,
+        anchor=args.anchor,
+        history_grad=args.history_grad,
         **{k: v for k, v in explicit.items() if v is not None},
     )
     model = args.model or rec.settings["model"]

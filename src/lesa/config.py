@@ -105,6 +105,9 @@ class LESAConfig(CacheConfig):
     interval: int | None = None
     warmup: int | None = None
     differentiable: bool = False
+    # with differentiable: the history keeps the gradient of the features it holds (exact back-propagation through
+    # time: a forecast also reaches the loss through every later forecast that reads it); off: detached
+    history_grad: bool = False
     name = "lesa"
 
     def __post_init__(self) -> None:
@@ -134,7 +137,9 @@ class LESAConfig(CacheConfig):
             )
 
     def make_policy(self, context: str) -> Policy:
-        return LESAPolicy(self.predictor, self.predictor.resolve_context(context), self.differentiable)
+        return LESAPolicy(
+            self.predictor, self.predictor.resolve_context(context), self.differentiable, self.history_grad
+        )
 
     def check_model(self, model_class: str) -> None:
         trained = self.predictor.config.model_class

@@ -87,6 +87,10 @@ class TrainConfig:
     lr_clar: float = 3e-3
     lr_min: float = 1e-4
     weight_decay: float = 1e-4
+    # decoupled decay toward the predictor's start instead of toward zero (a trust region around a calibrated start):
+    # after each update every weight moves lr * anchor of its way back to its starting value; 0: off
+    anchor: float = 0.0
+    history_grad: bool = False  # closed loop: back-propagate through the features in the predictor's history too
     grad_clip: float = 1.0
     batch_size: int = 8
     val_fraction: float = 0.2
@@ -131,6 +135,8 @@ class TrainConfig:
             )
         if not 0 < self.val_fraction < 1:
             raise ValueError(f"val_fraction must lie in (0, 1), got {self.val_fraction}")
+        if self.anchor < 0:
+            raise ValueError(f"anchor must be >= 0, got {self.anchor}")
 
     def fingerprint(self) -> dict[str, Any]:
         """What a checkpoint must share with the run that resumes it."""
@@ -453,6 +459,10 @@ class Trainer:
             distributed.all_reduce_gradients(predictor)
         torch.nn.utils.clip_grad_norm_(predictor.parameters(), self.cfg.grad_clip)
         optimizer.step()
+        if self.cfg.anchor > 0:
+            with torch.no_grad():
+                for p, start in zip(predictor.parameters(), state["anchor"], strict=True):
+                    p.lerp_(start.to(p.device), min(1.0, optimizer.param_groups[0]["lr"] * self.cfg.anchor))
         state["t"] += 1
         return value
 
@@ -553,7 +563,9 @@ class Trainer:
                 w = step_sizes[event.step]
                 pending[event.context] = (error + w * (pred.float() - target), weight + w)
 
-        config = LESAConfig(predictor=predictor, differentiable=True, count_flops=False)
+        config = LESAConfig(
+            predictor=predictor, differentiable=True, history_grad=self.cfg.history_grad, count_flops=False
+        )
         transformer = self.pipe.transformer
         grads = [p.requires_grad for p in transformer.parameters()]
         transformer.requires_grad_(False)
@@ -601,8 +613,9 @@ class Trainer:
         """Loss "final": the summed log MSE of these trajectories' final latents against the recording, with
         gradients through the whole sampler (the pipeline must run a differentiable LESAConfig). Its mean over
         trajectories is the held-out score, mean PSNR, up to sign and scale. The features in the predictor's history
-        stay detached: a forecast reaches the loss through the latents and every later step, not through later
-        forecasts (exact back-propagation through the history diverged in training, BENCHMARKS.md)."""
+        stay detached unless `history_grad`: a forecast then reaches the loss through the latents and every later step,
+        not through later forecasts (the exact gradient, `history_grad`, trains stably only at a low learning rate,
+        BENCHMARKS.md)."""
         final = self._run(batch, data, grad=True).float()
         ref = torch.stack([d["final"] for d in data]).to(final.device, torch.float32)
         return ((final - ref) ** 2).flatten(1).mean(1).log().sum()
@@ -660,6 +673,7 @@ class Trainer:
         ckpt_path = self.out / "checkpoints" / name
         predictor = self.new_predictor(seed)
         distributed.broadcast_parameters(predictor)  # bit-identical replicas from the start, whatever the phase
+        start_weights = [p.detach().clone() for p in predictor.parameters()]  # what --anchor pulls toward
         fingerprint = self.cfg.fingerprint()
         # rank 0 reads the checkpoint and hands it to every rank: the replicas resume from the same state
         ckpt = distributed.on_main(
@@ -690,9 +704,10 @@ class Trainer:
             if p < ckpt["phase_index"] or (resuming and ckpt["epoch"] >= epochs[phase]):
                 continue
             # a fresh optimizer and learning-rate schedule for every phase (never the previous phase's)
-            optimizer = torch.optim.AdamW(predictor.parameters(), lr=peaks[phase], weight_decay=self.cfg.weight_decay)
+            decay = 0.0 if self.cfg.anchor else self.cfg.weight_decay  # the anchor replaces the decay toward zero
+            optimizer = torch.optim.AdamW(predictor.parameters(), lr=peaks[phase], weight_decay=decay)
             total = epochs[phase] * self._updates_per_epoch(phase)
-            state, start = {"t": 0}, 1
+            state, start = {"t": 0, "anchor": start_weights}, 1
             if resuming:
                 optimizer.load_state_dict(ckpt["optimizer"])
                 state, start = ckpt["opt_state"], ckpt["epoch"] + 1

@@ -14,15 +14,18 @@ class LESAPolicy(Policy):
 
     Inference computes each step's coefficients once per schedule and forecasts in the feature dtype. With
     `differentiable=True` (closed-loop training) a forecast carries gradients to the predictor's weights; the history
-    keeps it detached (one-step gradients, no back-propagation through time).
+    keeps it detached (one-step gradients), unless `history_grad` (back-propagation through time).
     """
 
     name = "lesa"
 
-    def __init__(self, predictor: LESAPredictor, context: str, differentiable: bool = False) -> None:
+    def __init__(
+        self, predictor: LESAPredictor, context: str, differentiable: bool = False, history_grad: bool = False
+    ) -> None:
         self.predictor = predictor
         self.context = context
         self.differentiable = differentiable
+        self.history_grad = differentiable and history_grad
         self.history: list[torch.Tensor] = []
         self.sigmas: torch.Tensor | None = None
         self.table: list[tuple[list[float], float]] | None = None
@@ -47,7 +50,7 @@ class LESAPolicy(Policy):
                 f"predictor was trained on features of width {width}, but this model's tapped feature has width "
                 f"{feature.shape[-1]} (shape {tuple(feature.shape)})"
             )
-        self._push(feature.detach())
+        self._push(feature if self.history_grad else feature.detach())
 
     def forecast(self, step: int, sigma: float) -> torch.Tensor:
         if step >= self.predictor.config.num_steps:
@@ -65,7 +68,7 @@ class LESAPolicy(Policy):
             out = self.predictor.forecast([h.float() for h in self.history], self.context, step, self.sigmas)
             out = out.to(dtype)
         if self.remember_forecasts:
-            self._push(out.detach())
+            self._push(out if self.history_grad else out.detach())
         return out
 
     def forecast_flops(self, numel: int) -> int:
