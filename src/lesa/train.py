@@ -462,7 +462,7 @@ class Trainer:
         if self.cfg.anchor > 0:
             with torch.no_grad():
                 for p, start in zip(predictor.parameters(), state["anchor"], strict=True):
-                    p.lerp_(start.to(p.device), min(1.0, optimizer.param_groups[0]["lr"] * self.cfg.anchor))
+                    p.lerp_(start, min(1.0, optimizer.param_groups[0]["lr"] * self.cfg.anchor))
         state["t"] += 1
         return value
 
@@ -673,7 +673,8 @@ class Trainer:
         ckpt_path = self.out / "checkpoints" / name
         predictor = self.new_predictor(seed)
         distributed.broadcast_parameters(predictor)  # bit-identical replicas from the start, whatever the phase
-        start_weights = [p.detach().clone() for p in predictor.parameters()]  # what --anchor pulls toward
+        # what --anchor pulls toward (kept in the optimiser state, so a resumed run pulls toward the same start)
+        anchor = {"anchor": [p.detach().clone() for p in predictor.parameters()]} if self.cfg.anchor else {}
         fingerprint = self.cfg.fingerprint()
         # rank 0 reads the checkpoint and hands it to every rank: the replicas resume from the same state
         ckpt = distributed.on_main(
@@ -707,7 +708,7 @@ class Trainer:
             decay = 0.0 if self.cfg.anchor else self.cfg.weight_decay  # the anchor replaces the decay toward zero
             optimizer = torch.optim.AdamW(predictor.parameters(), lr=peaks[phase], weight_decay=decay)
             total = epochs[phase] * self._updates_per_epoch(phase)
-            state, start = {"t": 0, "anchor": start_weights}, 1
+            state, start = {"t": 0, **anchor}, 1
             if resuming:
                 optimizer.load_state_dict(ckpt["optimizer"])
                 state, start = ckpt["opt_state"], ckpt["epoch"] + 1
