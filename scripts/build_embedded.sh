@@ -17,18 +17,16 @@ lesa record --model embedded --prompts src/lesa/embedded/prompts/predictor_train
 # 3. one predictor per schedule (50 steps, E = 3): N = 7 -> 10 full steps (5.00x), N = 10 -> 8 full steps (6.25x),
 #    with lesa train's default `calibrated` recipe: its schedule plan trains seed 0 on the uniform placement and on
 #    one found by dynamic programming, each started at the better of reuse and damped TaylorSeer O1 there, and keeps
-#    the better trained predictor (uniform at N = 7, 0-3, 8, 17, 28, 39 at N = 10); 15-20 min each on one thread.
-#    Seed 0 is the default predictor, seed 1 (trained on seed 0's placement) the bench's second seed. N = 7 trains
-#    at a lower closed-loop lr (3e-4: steadier across seeds on the held-out split, BENCHMARKS.md).
+#    the better trained predictor (uniform at N = 7, 0-3, 8, 17, 28, 39 at N = 10); 10-20 min each on one thread.
+#    Seed 0 is the default predictor, seed 1 (trained on seed 0's placement) the bench's second seed.
 for n in 7 10; do
-  lr=(); [ "$n" = 7 ] && lr=(--lr-clar 3e-4)
   for seed in 0 1; do
     name="n$n"; [ "$seed" = 1 ] && name="n$n-seed1"
     if [ "$seed" = 1 ]; then  # the same schedule settings: train on seed 0's kept placement only
       mkdir -p "runs/pred-$name" && cp "runs/pred-n$n/schedule.json" "runs/pred-$name/"
     fi
     lesa train --model embedded --data runs/rec-embedded --out "runs/pred-$name" --interval "$n" --warmup 3 \
-      --batch-size 10 --seed "$seed" "${lr[@]}"
+      --batch-size 10 --seed "$seed"
     mkdir -p "src/lesa/embedded/predictors/$name"
     cp "runs/pred-$name"/{config.json,model.safetensors,README.md,training_log.json} "src/lesa/embedded/predictors/$name/"
   done

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lesa.cli import main
+from lesa.cli import _parser, _train_config, main
 from lesa.embedded.checker import check_caption
 from lesa.embedded.loading import SHIPPED_DIR
 
@@ -99,6 +99,21 @@ def test_record_train_generate_through_the_cli(pipe_dir, tmp_path, capsys):
     )
     assert code == 2 and "31 values (30 steps)" in err and "51 values" in err
     assert not (tmp_path / "x.png").exists()
+
+
+def test_train_options_override_the_recipe():
+    """The calibrated recipe trains with the exact gradient at lr 3e-4; the paper recipe detaches the history; an
+    option given explicitly wins over either (--no-history-grad turns the recipe's on off)."""
+
+    def config(*flags):
+        return _train_config(_parser().parse_args(["train", "--data", "d", "--out", "o", *flags]))
+
+    default, paper = config(), config("--recipe", "paper")
+    assert (default.history_grad, default.lr_clar, default.loss) == (True, 3e-4, "final")
+    assert (paper.history_grad, paper.lr_clar, paper.loss) == (False, 3e-3, "step")
+    assert config("--no-history-grad").history_grad is False
+    assert config("--recipe", "paper", "--history-grad", "--lr-clar", "1e-4").history_grad is True
+    assert config("--recipe", "paper", "--lr-clar", "1e-4").lr_clar == 1e-4
 
 
 def test_cli_errors_are_specific(tmp_path, capsys):

@@ -213,3 +213,34 @@ def test_saved_files_get_the_usual_permissions(tmp_path):
     os.umask(umask)
     for name in ("config.json", "model.safetensors"):
         assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o666 & ~umask, name
+
+
+def test_seed_ensemble_averages_the_members_coefficients(tmp_path):
+    """An ensemble's folded coefficients (hence its forecasts) are the mean of its members'; it survives a save and
+    load; an ensemble of one is the predictor itself; members of different configs are refused."""
+    sig = torch.tensor(SIGMAS)
+    members = [make(seed, step_filters=True, memory="full", interval=4, warmup=2) for seed in range(3)]
+    with torch.no_grad():  # nonzero gains, biases and step filters, different in each member
+        for m in members:
+            for p in m.parameters():
+                p.add_(0.1 * torch.randn_like(p))
+    pair = LESAPredictor.ensemble(members[:2])
+    trio = LESAPredictor.ensemble([pair, members[2]])
+    assert (pair.config.members, trio.config.members) == (2, 3)
+    hist = [torch.randn(3, 6) for _ in range(8)]
+    for step in (2, 5, 9, 17):
+        expected = torch.stack([m.forecast(hist, "cond", step, sig) for m in members]).mean(0)
+        assert torch.allclose(trio.forecast(hist, "cond", step, sig), expected, atol=1e-5)
+        table = trio.coefficient_table("cond", sig)[step]
+        assert torch.allclose(LESAPredictor.apply_coefficients(hist, *table), expected, atol=1e-5)
+    trio.save_pretrained(tmp_path / "ens")
+    loaded = LESAPredictor.from_pretrained(tmp_path / "ens")
+    assert loaded.config.members == 3
+    assert torch.equal(loaded.forecast(hist, "cond", 9, sig), trio.forecast(hist, "cond", 9, sig))
+    one = LESAPredictor.ensemble(members[:1])
+    assert one.config.members == 1 and set(one.state_dict()) == set(members[0].state_dict())
+    assert torch.equal(one.forecast(hist, "cond", 9, sig), members[0].forecast(hist, "cond", 9, sig))
+    with pytest.raises(ValueError, match=r"differs from predictor 0 in \['interval'\]"):
+        LESAPredictor.ensemble([members[0], make(0, step_filters=True, memory="full", interval=5, warmup=2)])
+    with pytest.raises(ValueError, match="at least one"):
+        LESAPredictor.ensemble([])

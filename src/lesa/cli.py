@@ -1,4 +1,4 @@
-"""The `lesa` command line: record, train, generate, bench."""
+"""The `lesa` command line: record, train, generate, bench, ensemble."""
 
 from __future__ import annotations
 
@@ -76,9 +76,10 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("--lr-clar", type=float, default=None)
     tr.add_argument(
         "--history-grad",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
+        default=None,
         help="closed loop: back-propagate through the features in the predictor's history too (exact gradient; "
-        "default: detached)",
+        "default: the recipe's, on in calibrated, off in paper)",
     )
     tr.add_argument(
         "--anchor",
@@ -192,6 +193,9 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--lpips-weights", nargs="+", default=[], help="AlexNet + LPIPS weight files (local)")
     b.add_argument("--clip", default=None, help="local CLIP model directory for the CLIP score")
     b.add_argument("--image-reward", default=None, help="local ImageReward checkpoint (needs the ImageReward package)")
+    ens = sub.add_parser("ensemble", help="average predictors of one schedule (seeds) into one, at one's cost")
+    ens.add_argument("predictors", nargs="+", help="predictor directories trained for the same schedule and config")
+    ens.add_argument("--out", required=True, help="predictor directory to write")
     return parser
 
 
@@ -242,15 +246,10 @@ def _record(args) -> int:
     return 0
 
 
-def _train(args) -> int:
-    import shutil
+def _train_config(args):
+    """The TrainConfig of `lesa train`'s arguments: the recipe's settings, then every option given explicitly."""
+    from .train import TrainConfig
 
-    from .distributed import init_distributed
-    from .models import load_pipeline
-    from .record import Recording
-    from .train import TrainConfig, Trainer
-
-    rec = Recording(args.data)
     explicit = dict(
         phases=None if args.phases is None else tuple(p.strip() for p in args.phases.split(",")),
         epochs_gt=args.epochs,
@@ -264,8 +263,9 @@ def _train(args) -> int:
         loss=args.loss,
         select=args.select,
         schedule=args.schedule,
+        history_grad=args.history_grad,
     )
-    config = TrainConfig.from_recipe(
+    return TrainConfig.from_recipe(
         args.recipe,
         interval=args.interval,
         warmup=args.warmup,
@@ -279,9 +279,20 @@ def _train(args) -> int:
         kan_hidden=_ints(args.kan_hidden, "kan-hidden"),
         gain=args.gain,
         anchor=args.anchor,
-        history_grad=args.history_grad,
         **{k: v for k, v in explicit.items() if v is not None},
     )
+
+
+def _train(args) -> int:
+    import shutil
+
+    from .distributed import init_distributed
+    from .models import load_pipeline
+    from .record import Recording
+    from .train import Trainer
+
+    rec = Recording(args.data)
+    config = _train_config(args)
     model = args.model or rec.settings["model"]
     dist = init_distributed(args.device)  # under torchrun: join the group; alone: nothing happens
     pipe = load_pipeline(model, dist.device, args.dtype)
@@ -289,6 +300,21 @@ def _train(args) -> int:
         shutil.rmtree(Path(args.out) / "checkpoints", ignore_errors=True)
         (Path(args.out) / "schedule.json").unlink(missing_ok=True)
     Trainer(rec, pipe, args.out, config).run()
+    return 0
+
+
+def _ensemble(args) -> int:
+    from .predictor import LESAPredictor
+
+    model = LESAPredictor.ensemble([LESAPredictor.from_pretrained(d) for d in args.predictors])
+    members = "\n".join(f"- `{d}`" for d in args.predictors)
+    card = (
+        f"# LESA predictor: seed ensemble of {model.config.members}\n\nWritten by `lesa ensemble`: the per-step "
+        f"forecast coefficients are the mean of these predictors' (a forecast costs what one predictor's does):\n\n"
+        f"{members}\n"
+    )
+    model.save_pretrained(args.out, card=card)
+    print(f"wrote a seed ensemble of {model.config.members} predictor(s) to {args.out}")
     return 0
 
 
@@ -412,7 +438,7 @@ def _bench(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    handlers = {"record": _record, "train": _train, "generate": _generate, "bench": _bench}
+    handlers = {"record": _record, "train": _train, "generate": _generate, "bench": _bench, "ensemble": _ensemble}
     try:
         return handlers[args.command](args)
     except (ValueError, FileNotFoundError, OSError, RuntimeError) as e:

@@ -66,7 +66,8 @@ RECIPES: dict[str, dict[str, Any]] = {
         select="psnr",
         phases=("clar",),
         epochs_clar=8,
-        lr_clar=1e-3,
+        lr_clar=3e-4,
+        history_grad=True,
         windows=(3, 3, 3),
         history=3,
     ),
@@ -924,6 +925,7 @@ def model_card(predictor: LESAPredictor, summary: dict, rec: Recording) -> str:
         "cycle": f"L1 on the {cfg['target']}, integrated over each cache cycle",
         "final": "log MSE of the final latent, back-propagated through the sampler",
     }[cfg.get("loss", "step")]
+    loss += "; exact gradient (through the predictor's history too)" if cfg.get("history_grad") else ""
     phases = "; ".join(f"{phase} {cfg[f'epochs_{phase}']} epochs at lr {cfg[f'lr_{phase}']}" for phase in cfg["phases"])
     memory = "the last K full-step features" if pc.memory == "full" else "the last K features"
     start = {

@@ -51,6 +51,9 @@ class PredictorConfig:
     # a learned (steps, history) table per context added to each step's folded filter: per-step filters, e.g.
     # started at the least-squares linear forecaster (`lesa train --gain-init linear`)
     step_filters: bool = False
+    # a seed ensemble: `members` sets of stage experts (and step filters) whose folded coefficients are averaged, so
+    # it forecasts at the cost of one predictor (`LESAPredictor.ensemble`)
+    members: int = 1
     base_model: str = ""
     format_version: int = FORMAT_VERSION
 
@@ -68,6 +71,8 @@ class PredictorConfig:
             raise ValueError(f"memory must be 'steps' or 'full', got {self.memory!r}")
         if self.gain not in ("kan", "mlp"):
             raise ValueError(f"gain must be 'kan' or 'mlp', got {self.gain!r}")
+        if self.members < 1:
+            raise ValueError(f"members must be at least 1, got {self.members}")
         if len(self.sigmas) < self.num_steps:
             raise ValueError(f"sigmas has {len(self.sigmas)} values for {self.num_steps} steps")
         self.schedule()  # validates the schedule fields
@@ -109,28 +114,41 @@ class LESAPredictor(nn.Module):
         kan_kwargs = dict(
             grid_size=config.grid_size, spline_order=config.spline_order, grid_range=tuple(config.grid_range)
         )
-        self.experts = nn.ModuleDict(
-            {
-                ctx: nn.ModuleList(
-                    StageExpert(
-                        k,
-                        len(config.sigmas),
-                        tuple(config.kan_hidden),
-                        gain=config.gain,
-                        gain_bias=config.gain_bias,
-                        **kan_kwargs,
-                    )
-                    for k in config.windows
-                )
-                for ctx in config.contexts
-            }
-        )
 
-        self.full_steps = config.schedule().full_steps(config.num_steps)
-        if config.step_filters:
-            self.step_filters = nn.ParameterDict(
+        def stage_experts() -> nn.ModuleDict:
+            return nn.ModuleDict(
+                {
+                    ctx: nn.ModuleList(
+                        StageExpert(
+                            k,
+                            len(config.sigmas),
+                            tuple(config.kan_hidden),
+                            gain=config.gain,
+                            gain_bias=config.gain_bias,
+                            **kan_kwargs,
+                        )
+                        for k in config.windows
+                    )
+                    for ctx in config.contexts
+                }
+            )
+
+        def filter_table() -> nn.ParameterDict:
+            return nn.ParameterDict(
                 {ctx: nn.Parameter(torch.zeros(config.num_steps, config.history)) for ctx in config.contexts}
             )
+
+        self.experts = stage_experts()
+        if config.step_filters:
+            self.step_filters = filter_table()
+        if config.members > 1:  # the other members of a seed ensemble (member 0 is `experts` / `step_filters`)
+            self.members = nn.ModuleList(
+                nn.ModuleDict(
+                    {"experts": stage_experts(), **({"step_filters": filter_table()} if config.step_filters else {})}
+                )
+                for _ in range(config.members - 1)
+            )
+        self.full_steps = config.schedule().full_steps(config.num_steps)
 
     # -- routing and coefficients -------------------------------------------------------------------------------
     def past_steps(self, step: int) -> list[int]:
@@ -148,6 +166,7 @@ class LESAPredictor(nn.Module):
         return (step - before[-1]) / (before[-1] - before[-2]) if len(before) >= 2 else 0.0
 
     def expert(self, context: str, sigma: float) -> StageExpert:
+        """The stage expert serving `context` at `sigma` (of member 0 in an ensemble)."""
         return self.experts[self.resolve_context(context)][stage_of(sigma, tuple(self.config.thresholds))]
 
     def resolve_context(self, context: str) -> str:
@@ -187,16 +206,30 @@ class LESAPredictor(nn.Module):
 
     def step_coefficients(self, context: str, step: int, sigmas: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(c, c0) of `step`: forecast = h[-1] + c0 + sum_k c[k] * window[k] over the last len(c) history entries
-        (oldest first); the stage expert's filter times its gain and the reach r, plus the step's own filter."""
+        (oldest first); the stage expert's filter times its gain and the reach r, plus the step's own filter; in an
+        ensemble the mean over its members."""
         sigma = float(sigmas[step])
-        c, c0 = self.expert(context, sigma).coefficients(sigma, sigmas)
+        context = self.resolve_context(context)
+        stage = stage_of(sigma, tuple(self.config.thresholds))
+        members = self.member_parts()
         r = self.reach(step)
-        c, c0 = r * c, r * c0
-        if self.config.step_filters:
-            own = self.step_filters[self.resolve_context(context)][step]
-            # a window of K entries is the last K of a window of `history` entries (pad_window pads the same way)
-            c = torch.cat([c.new_zeros(len(own) - len(c)), c]) + own
-        return c, c0
+        total_c, total_c0 = 0.0, 0.0
+        for experts, filters in members:
+            c, c0 = experts[context][stage].coefficients(sigma, sigmas)
+            c, c0 = r * c, r * c0
+            if filters is not None:
+                own = filters[context][step]
+                # a window of K entries is the last K of a window of `history` entries (pad_window pads the same way)
+                c = torch.cat([c.new_zeros(len(own) - len(c)), c]) + own
+            total_c, total_c0 = total_c + c, total_c0 + c0
+        return total_c / len(members), total_c0 / len(members)
+
+    def member_parts(self) -> list[tuple[nn.ModuleDict, nn.ParameterDict | None]]:
+        """(stage experts, step filters or None) of each member: one, or the members of a seed ensemble."""
+        parts = [(self.experts, getattr(self, "step_filters", None))]
+        for m in self.members if self.config.members > 1 else []:
+            parts.append((m["experts"], m["step_filters"] if "step_filters" in m else None))
+        return parts
 
     # -- forecasting ----------------------------------------------------------------------------------------------
     @staticmethod
@@ -268,6 +301,26 @@ class LESAPredictor(nn.Module):
             if not torch.isfinite(tensor).all():
                 raise ValueError(f"{weights_file}: tensor {key} holds NaN or inf")
         model.load_state_dict(state)
+        return model.eval()
+
+    @classmethod
+    def ensemble(cls, predictors: list[LESAPredictor]) -> LESAPredictor:
+        """A seed ensemble of predictors trained for the same schedule and architecture: its folded coefficients are
+        the mean of theirs (a forecast costs what one predictor's does)."""
+        if not predictors:
+            raise ValueError("an ensemble needs at least one predictor")
+        first = asdict(predictors[0].config)
+        for i, p in enumerate(predictors[1:], 1):
+            other = asdict(p.config)
+            differ = sorted(k for k in first if k != "members" and first[k] != other[k])
+            if differ:
+                raise ValueError(f"predictor {i} differs from predictor 0 in {differ}: an ensemble needs equal configs")
+        parts = [part for p in predictors for part in p.member_parts()]
+        model = cls(PredictorConfig(**{**first, "members": len(parts)}))
+        for (experts, filters), (into_experts, into_filters) in zip(parts, model.member_parts(), strict=True):
+            into_experts.load_state_dict(experts.state_dict())
+            if filters is not None:
+                into_filters.load_state_dict(filters.state_dict())
         return model.eval()
 
     def num_parameters(self) -> int:
