@@ -4,17 +4,29 @@
     python benchmarks/paired.py docs/bench-embedded-200/results.json [runs/other-bench/results.json ...]
 
 For each LESA row (the mean over its training seeds, per prompt) and each other method with as many full steps:
-the mean difference ± its standard error over prompts, the difference of each seed, and on how many prompts LESA
-is ahead. Rows of later files are labelled with their file; a baseline row name already read is not read again.
+the mean difference ± its standard error over prompts, the difference of each seed, on how many prompts LESA
+is ahead, the median difference, and how much of the mean comes from prompts whose difference exceeds --jump dB
+either way (an image that lands on another mode of the sampler moves by 10-20 dB). Rows of later files are
+labelled with their file; a baseline row name already read is not read again. Within a file, LESA predictors whose
+directory names differ only by a seed suffix (`-s1`, `-seed1`) are the seeds of one row; other predictors under the
+same row name (e.g. two variants benched together) get a row each, named by their directory.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 
 from lesa.evaluate.bench import mean_se
+
+SEED_SUFFIX = re.compile(r"[-_](?:s|seed)\d+$")
+
+
+def variant(predictor: str | None) -> str:
+    """The predictor directory's name without a seed suffix: runs/th3-n7-s1 -> th3-n7."""
+    return SEED_SUFFIX.sub("", Path(str(predictor)).name)
 
 
 def load_runs(paths: list[Path], metric: str) -> tuple[dict[str, dict], dict[str, dict]]:
@@ -31,6 +43,10 @@ def load_runs(paths: list[Path], metric: str) -> tuple[dict[str, dict], dict[str
         if n_prompts is not None and results["n_prompts"] != n_prompts:
             raise SystemExit(f"{path}: {results['n_prompts']} prompts, the first file has {n_prompts}: not paired")
         n_prompts = results["n_prompts"]
+        variants: dict[str, set[str]] = {}
+        for run in runs.values():
+            if run["family"] == "lesa":
+                variants.setdefault(run["row"], set()).add(variant(run["seed"]))
         for run in runs.values():
             values = run["per_prompt"].get(metric)
             if run["budget"] is None or values is None:
@@ -38,6 +54,8 @@ def load_runs(paths: list[Path], metric: str) -> tuple[dict[str, dict], dict[str
             count = int(run["budget"].split("/")[0])
             if run["family"] == "lesa":
                 label = run["row"] if i == 0 else f"{run['row']} ({path.parent.name})"
+                if len(variants[run["row"]]) > 1:
+                    label += f" [{variant(run['seed'])}]"
                 lesa.setdefault(label, {"count": count, "seeds": {}})["seeds"][run["seed"]] = values
             elif run["row"] not in others:
                 others[run["row"]] = {"count": count, "values": values}
@@ -48,11 +66,13 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("results", nargs="+", type=Path, help="results.json of `lesa bench` runs, same prompts")
     parser.add_argument("--metric", default="psnr", help="per-prompt metric to pair (psnr, ssim, ...)")
+    parser.add_argument("--jump", type=float, default=6.0, help="a difference beyond this counts as a jump")
     args = parser.parse_args(argv)
     lesa, others = load_runs(args.results, args.metric)
     columns = ["LESA row (seed mean; seeds)", "other method", f"its {args.metric}", "LESA minus it (± s.e.; seeds)"]
-    print("| " + " | ".join([*columns, "prompts LESA leads"]) + " |")
-    print("|---|---|---|---|---|")
+    columns += ["prompts LESA leads", f"median; share of the mean from jumps (beyond ±{args.jump:g} dB)"]
+    print("| " + " | ".join(columns) + " |")
+    print("|---|---|---|---|---|---|")
     for label, row in lesa.items():
         seeds = list(row["seeds"].values())
         mean_per_prompt = [sum(v) / len(v) for v in zip(*seeds, strict=True)]
@@ -67,8 +87,12 @@ def main(argv: list[str] | None = None) -> None:
                 f"{mean_se([a - b for a, b in zip(s, other['values'], strict=True)])[0]:+.2f}" for s in seeds
             )
             wins = sum(d > 0 for d in diff)
+            jumps = [d for d in diff if abs(d) > args.jump]
+            ordered = sorted(diff)
+            median = (ordered[(len(diff) - 1) // 2] + ordered[len(diff) // 2]) / 2
             cells = [head, name, f"{mean_se(other['values'])[0]:.2f}", f"{m:+.2f} ± {se:.2f} ({per_seed})"]
-            print("| " + " | ".join([*cells, f"{wins} of {len(diff)}"]) + " |")
+            cells += [f"{wins} of {len(diff)}", f"{median:+.2f}; {sum(jumps) / len(diff):+.2f} from {len(jumps)}"]
+            print("| " + " | ".join(cells) + " |")
             head = ""
 
 

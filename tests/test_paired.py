@@ -25,8 +25,8 @@ def test_pairs_the_seed_mean_against_methods_with_as_many_full_steps(tmp_path, c
         tmp_path / "a.json",
         [
             {"row": "full compute", "family": "none", "budget": None, "seed": None, "per_prompt": {}},
-            run("LESA N=7", "lesa", "10/50", [30.0, 32.0, 34.0], "p0"),
-            run("LESA N=7", "lesa", "10/50", [32.0, 32.0, 30.0], "p1"),
+            run("LESA N=7", "lesa", "10/50", [30.0, 32.0, 34.0], "runs/n7"),
+            run("LESA N=7", "lesa", "10/50", [32.0, 32.0, 30.0], "runs/n7-seed1"),
             run("FORA N=7", "fora", "10/50", [30.0, 31.0, 33.0]),
             run("FORA N=10", "fora", "8/50", [20.0, 20.0, 20.0]),
         ],
@@ -35,7 +35,32 @@ def test_pairs_the_seed_mean_against_methods_with_as_many_full_steps(tmp_path, c
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 3  # header, rule, one pairing: the 8-step FORA is not paired with a 10-step LESA
     # seed mean per prompt 31, 32, 32 -> differences +1, +1, -1: mean +0.33, s.e. 0.67; seeds +0.67, 0.00
-    assert "| LESA N=7: 31.67 (32.00, 31.33) | FORA N=7 | 31.33 | +0.33 ± 0.67 (+0.67, +0.00) | 2 of 3 |" in lines
+    row = "| LESA N=7: 31.67 (32.00, 31.33) | FORA N=7 | 31.33 | +0.33 ± 0.67 (+0.67, +0.00) | 2 of 3 |"
+    row += " +1.00; +0.00 from 0 |"
+    assert row in lines
+
+
+def test_splits_the_mean_into_jumps_and_the_rest(tmp_path, capsys):
+    lesa = run("LESA N=7", "lesa", "10/50", [40.0, 30.0, 30.0, 30.0], "p0")
+    fora = run("FORA N=7", "fora", "10/50", [28.0, 29.5, 30.5, 29.0])
+    paired.main([str(write(tmp_path / "a.json", [lesa, fora], n=4)), "--jump", "5"])
+    # differences +12, +0.5, -0.5, +1: median +0.75; the one jump carries 12 / 4 = +3.00 of the mean +3.25
+    assert capsys.readouterr().out.splitlines()[-1].endswith("| 3 of 4 | +0.75; +3.00 from 1 |")
+
+
+def test_variants_benched_together_get_a_row_each(tmp_path, capsys):
+    runs = [
+        run("LESA N=7", "lesa", "10/50", [31.0, 31.0], "runs/a-n7-s0"),
+        run("LESA N=7", "lesa", "10/50", [33.0, 31.0], "runs/a-n7-s1"),
+        run("LESA N=7", "lesa", "10/50", [20.0, 20.0], "runs/b-n7"),
+        run("FORA N=7", "fora", "10/50", [30.0, 30.0]),
+    ]
+    paired.main([str(write(tmp_path / "a.json", runs, n=2))])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[2].startswith(
+        "| LESA N=7 [a-n7]: 31.50 (31.00, 32.00) | FORA N=7 | 30.00 | +1.50 ± 0.50 (+1.00, +2.00)"
+    )
+    assert lines[3].startswith("| LESA N=7 [b-n7]: 20.00 (20.00) | FORA N=7 | 30.00 | -10.00 ± 0.00")
 
 
 def test_refuses_results_of_other_prompt_counts(tmp_path):
