@@ -191,6 +191,15 @@ def test_training_resumes_exactly_where_it_stopped(pipe, recording, tmp_path, mo
     other = TrainConfig(**{**config.__dict__, "lr_clar": 1e-2})
     with pytest.raises(ValueError, match="made with other settings \\(lr_clar\\)"):
         Trainer(recording, pipe, tmp_path / "cut", other, progress=False, log=lambda *_: None).train_seed(0)
+    # a checkpoint written before a setting existed resumes when the setting keeps its default
+    ckpt_path = next((tmp_path / "cut" / "checkpoints").iterdir())
+    ckpt = torch.load(ckpt_path, weights_only=False)
+    del ckpt["fingerprint"]["history_grad"]
+    torch.save(ckpt, ckpt_path)
+    assert Trainer(recording, pipe, tmp_path / "cut", config, progress=False, log=lambda *_: None).train_seed(0)["done"]
+    exact = TrainConfig(**{**config.__dict__, "history_grad": True})
+    with pytest.raises(ValueError, match="made with other settings \\(history_grad\\)"):
+        Trainer(recording, pipe, tmp_path / "cut", exact, progress=False, log=lambda *_: None).train_seed(0)
 
 
 def test_training_needs_a_held_out_trajectory(pipe, recording, tmp_path):

@@ -682,12 +682,15 @@ class Trainer:
             lambda: torch.load(ckpt_path, map_location="cpu", weights_only=False) if ckpt_path.exists() else None
         )
         if ckpt is not None:
-            if ckpt["fingerprint"] != fingerprint:
-                diff = [k for k in fingerprint if ckpt["fingerprint"].get(k) != fingerprint[k]]
+            # a setting added since the checkpoint was written counts as its default, the behaviour from before it
+            saved = {**TrainConfig().fingerprint(), **ckpt["fingerprint"]}
+            if saved != fingerprint:
+                diff = [k for k in {**saved, **fingerprint} if saved.get(k) != fingerprint.get(k)]
                 raise ValueError(
                     f"{ckpt_path} was made with other settings ({', '.join(diff)}); "
                     f"train into another --out or pass --restart"
                 )
+            ckpt["fingerprint"] = fingerprint
             predictor.load_state_dict(ckpt["predictor"])
             if not ckpt["done"]:
                 phase = self.cfg.phases[ckpt["phase_index"]] if ckpt["phase_index"] >= 0 else "init"
