@@ -14,7 +14,8 @@ Open loop, on the tapped feature (training split): the predictor's feature error
 
 Closed loop, on the final latent (held-out split, `lesa train`'s score): per-image PSNR with every increment scaled
 by one factor from a sweep, the per-image best of the sweep (an oracle that looks at the reference), how many images
-jump by more than 6 dB between neighbouring factors, and the predictor with the open-loop per-step factors applied.
+jump by more than 6 dB between neighbouring factors, the predictor with the open-loop per-step factors applied, and,
+with only one segment of the schedule scaled at a time, how many images move (where the jumps are decided).
 
     python benchmarks/gain_ceiling.py src/lesa/embedded/predictors/n7 --data runs/rec-embedded
 """
@@ -132,6 +133,9 @@ def main() -> None:
     parser.add_argument("--data", required=True, help="the `lesa record` directory it was trained on")
     parser.add_argument("--limit", type=int, default=40, help="training trajectories read open loop")
     parser.add_argument("--factors", default="0.85,0.9,0.95,1,1.05,1.1,1.15", help="the closed-loop sweep")
+    parser.add_argument(
+        "--segments", default="17,31", help="steps that split the schedule into segments scaled one at a time"
+    )
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -164,6 +168,23 @@ def main() -> None:
         f"{table.mean(0).max():.2f}; images jumping > 6 dB between neighbouring factors: {int(jumps.sum())}"
     )
     print(f"  open-loop per-step factors applied: {feature_optimal.mean():.2f}")
+
+    # where the jumps are decided: one segment of the schedule scaled at a time, the rest as trained
+    if 1.0 in factors:
+        base = table[:, factors.index(1.0)]
+    else:
+        scale_increments(predictor, lambda _c, _s: 1.0)
+        base = held_out_psnr(trainer, predictor)
+    edges = [0, *(int(e) for e in args.segments.split(",")), predictor.config.num_steps]
+    print("  one segment scaled at a time: mean PSNR; images moved by more than 6 dB / more than 1 dB")
+    for lo, hi in zip(edges, edges[1:], strict=False):
+        cells = []
+        for f in (f for f in factors if f != 1.0):
+            scale_increments(predictor, lambda _c, s, f=f, lo=lo, hi=hi: f if lo <= s < hi else 1.0)
+            psnr = held_out_psnr(trainer, predictor)
+            moved = (psnr - base).abs()
+            cells.append(f"f {f:.2f}: {psnr.mean():.2f}; {int((moved > 6).sum())} / {int((moved > 1).sum())}")
+        print(f"  steps {lo}-{hi - 1}: " + ", ".join(cells))
 
 
 if __name__ == "__main__":
