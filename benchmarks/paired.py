@@ -6,7 +6,7 @@
 For each LESA row (the mean over its training seeds, per prompt) and each other method with as many full steps:
 the mean difference ± its standard error over prompts, the difference of each seed, on how many prompts LESA
 is ahead, the median difference, and how much of the mean comes from prompts whose difference exceeds --jump dB
-either way (an image that lands on another mode of the sampler moves by 10-20 dB). Rows of later files are
+either way (an image that lands on another mode of the sampler moves by about 10-15 dB). Rows of later files are
 labelled with their file; a baseline row name already read is not read again. Within a file, LESA predictors whose
 directory names differ only by a seed suffix (`-s1`, `-seed1`) are the seeds of one row; other predictors under the
 same row name (e.g. two variants benched together) get a row each, named by their directory.
