@@ -29,12 +29,11 @@ import types
 import torch
 from tqdm.auto import tqdm
 
-from lesa import disable, enable
 from lesa.config import LESAConfig
 from lesa.models import load_pipeline
 from lesa.predictor import LESAPredictor
 from lesa.record import Recording
-from lesa.train import TrainConfig, Trainer, latent_psnr
+from lesa.train import TrainConfig, Trainer
 
 
 def increments(predictor: LESAPredictor, feats: torch.Tensor, context: str, sigmas: list[float]):
@@ -116,15 +115,8 @@ def scale_increments(predictor: LESAPredictor, factor) -> None:
 
 def held_out_psnr(trainer: Trainer, predictor: LESAPredictor) -> torch.Tensor:
     """Per-image final-latent PSNR on the held-out split (what `lesa train` averages)."""
-    out = []
-    enable(trainer.pipe, LESAConfig(predictor=predictor, count_flops=False))
-    try:
-        for batch in trainer._batches(trainer.val_idx, 0):
-            data = [trainer.rec.load(i) for i in batch]
-            out += [latent_psnr(o, d["final"]) for o, d in zip(trainer._run(batch, data), data, strict=True)]
-    finally:
-        disable(trainer.pipe)
-    return torch.tensor(out)
+    errors = trainer.trajectory_errors(LESAConfig(predictor=predictor, count_flops=False), trainer.val_idx)
+    return torch.tensor([psnr for _mse, psnr in errors])
 
 
 def main() -> None:
@@ -179,7 +171,7 @@ def main() -> None:
     print("  one segment scaled at a time: mean PSNR; images moved by more than 6 dB / more than 1 dB")
     for lo, hi in zip(edges, edges[1:], strict=False):
         cells = []
-        for f in (f for f in factors if f != 1.0):
+        for f in [f for f in factors if f != 1.0]:
             scale_increments(predictor, lambda _c, s, f=f, lo=lo, hi=hi: f if lo <= s < hi else 1.0)
             psnr = held_out_psnr(trainer, predictor)
             moved = (psnr - base).abs()

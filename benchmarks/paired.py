@@ -18,6 +18,7 @@ import argparse
 import json
 import re
 from pathlib import Path
+from statistics import median
 
 from lesa.evaluate.bench import mean_se
 
@@ -88,10 +89,8 @@ def main(argv: list[str] | None = None) -> None:
             )
             wins = sum(d > 0 for d in diff)
             jumps = [d for d in diff if abs(d) > args.jump]
-            ordered = sorted(diff)
-            median = (ordered[(len(diff) - 1) // 2] + ordered[len(diff) // 2]) / 2
             cells = [head, name, f"{mean_se(other['values'])[0]:.2f}", f"{m:+.2f} ± {se:.2f} ({per_seed})"]
-            cells += [f"{wins} of {len(diff)}", f"{median:+.2f}; {sum(jumps) / len(diff):+.2f} from {len(jumps)}"]
+            cells += [f"{wins} of {len(diff)}", f"{median(diff):+.2f}; {sum(jumps) / len(diff):+.2f} from {len(jumps)}"]
             print("| " + " | ".join(cells) + " |")
             head = ""
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from lesa.models import tiny_flux_pipeline
+from lesa.predictor import LESAPredictor, PredictorConfig
 from lesa.record import Recording, record
 from lesa.train import TrainConfig, Trainer
 
@@ -17,6 +18,23 @@ torch.set_num_threads(2)
 STEPS = 50
 SIZE = 16  # 16x16 pixels -> 16x16 latents (vae factor 1) -> 64 packed tokens: fast, still a real FluxPipeline
 PROMPTS = [f"a test prompt number {i}" for i in range(8)]
+SIGMAS = [1 - i / 20 for i in range(21)]  # the schedule of `tiny_predictor`
+
+
+def tiny_predictor(seed: int = 0, **overrides) -> LESAPredictor:
+    """A small predictor on a 20-step schedule (feature width 6), seeded; `overrides` go to its PredictorConfig."""
+    torch.manual_seed(seed)
+    fields = dict(
+        model_class="FluxTransformer2DModel",
+        tap="t",
+        num_steps=20,
+        sigmas=SIGMAS,
+        feature_dim=6,
+        kan_hidden=[8, 8],
+        windows=[4, 8, 8],
+    )
+    fields.update(overrides)
+    return LESAPredictor(PredictorConfig(**fields))
 
 
 def generate(pipe, seed: int = 0, steps: int = STEPS, **kwargs) -> torch.Tensor:

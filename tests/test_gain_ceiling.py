@@ -4,8 +4,9 @@ import importlib.util
 from pathlib import Path
 
 import torch
+from conftest import SIGMAS, tiny_predictor
 
-from lesa.predictor import LESAPredictor, PredictorConfig
+from lesa.predictor import LESAPredictor
 
 spec = importlib.util.spec_from_file_location(
     "gain_ceiling", Path(__file__).parents[1] / "benchmarks" / "gain_ceiling.py"
@@ -14,25 +15,8 @@ gain_ceiling = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(gain_ceiling)
 
 
-SIGMAS = [1 - i / 20 for i in range(21)]
-
-
 def test_increments_and_scaled_forecasts():
-    torch.manual_seed(0)
-    config = PredictorConfig(
-        model_class="FluxTransformer2DModel",
-        tap="t",
-        num_steps=20,
-        sigmas=SIGMAS,
-        feature_dim=6,
-        kan_hidden=[8],
-        memory="full",
-        interval=4,
-        warmup=2,
-        windows=[3, 3, 3],
-        history=3,
-    )
-    predictor = LESAPredictor(config)
+    predictor = tiny_predictor(memory="full", interval=4, warmup=2, windows=[3, 3, 3], history=3)
     with torch.no_grad():
         for p in predictor.parameters():
             p.add_(0.1 * torch.randn_like(p))

@@ -2,26 +2,10 @@ import json
 
 import pytest
 import torch
+from conftest import SIGMAS, tiny_predictor
 from safetensors.torch import load_file, save_file
 
 from lesa.predictor import LESAPredictor, PredictorConfig, pad_window, stage_of
-
-SIGMAS = [1 - i / 20 for i in range(21)]
-
-
-def make(seed: int = 0, **overrides) -> LESAPredictor:
-    torch.manual_seed(seed)
-    fields = dict(
-        model_class="FluxTransformer2DModel",
-        tap="t",
-        num_steps=20,
-        sigmas=SIGMAS,
-        feature_dim=6,
-        kan_hidden=[8, 8],
-        windows=[4, 8, 8],
-    )
-    fields.update(overrides)
-    return LESAPredictor(PredictorConfig(**fields))
 
 
 def test_stage_routing_at_the_thresholds():
@@ -36,7 +20,7 @@ def test_stage_routing_at_the_thresholds():
 
 
 def test_expert_choice_follows_sigma_and_context():
-    p = make(contexts=["cond", "uncond"])
+    p = tiny_predictor(contexts=["cond", "uncond"])
     assert p.expert("cond", 0.95) is p.experts["cond"][0]
     assert p.expert("cond", 0.7) is p.experts["cond"][1]
     assert p.expert("uncond", 0.2) is p.experts["uncond"][2]
@@ -44,7 +28,7 @@ def test_expert_choice_follows_sigma_and_context():
 
 
 def test_window_uses_only_the_last_k_features():
-    p = make()
+    p = tiny_predictor()
     with torch.no_grad():  # the filters start as a first difference; make every tap count
         for expert in p.experts["cond"]:
             expert.mix.weight.normal_()
@@ -66,7 +50,7 @@ def test_short_history_is_left_padded_with_the_oldest():
 
 
 def test_forecast_is_last_plus_alpha_times_filter():
-    p = make()
+    p = tiny_predictor()
     sig = torch.tensor(SIGMAS)
     hist = [torch.randn(3, 6) for _ in range(8)]
     step = 12
@@ -77,7 +61,7 @@ def test_forecast_is_last_plus_alpha_times_filter():
 
 
 def test_inference_table_matches_training_forecast_and_keeps_dtype():
-    p = make()
+    p = tiny_predictor()
     sig = torch.tensor(SIGMAS)
     hist = [torch.randn(3, 6) for _ in range(8)]
     table = p.coefficient_table("cond", SIGMAS)
@@ -90,7 +74,7 @@ def test_inference_table_matches_training_forecast_and_keeps_dtype():
 
 
 def test_save_load_round_trip_gives_identical_outputs(tmp_path):
-    p = make(seed=3)
+    p = tiny_predictor(seed=3)
     p.save_pretrained(tmp_path, card="# card\n")
     assert {f.name for f in tmp_path.iterdir()} == {"config.json", "model.safetensors", "README.md"}
     config = json.loads((tmp_path / "config.json").read_text())
@@ -116,7 +100,7 @@ def test_save_load_round_trip_gives_identical_outputs(tmp_path):
 
 
 def test_schedule_length_mismatch_is_refused():
-    p = make()
+    p = tiny_predictor()
     with pytest.raises(ValueError, match=r"21 values \(20 steps\).*31 values"):
         p.coefficient_table("cond", [1 - i / 30 for i in range(31)])
 
@@ -124,7 +108,7 @@ def test_schedule_length_mismatch_is_refused():
 def test_bad_predictor_directories(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         LESAPredictor.from_pretrained(tmp_path / "nope")
-    make().save_pretrained(tmp_path)
+    tiny_predictor().save_pretrained(tmp_path)
     weights = tmp_path / "model.safetensors"
     good = weights.read_bytes()
     weights.write_bytes(good[: len(good) // 2])
@@ -155,16 +139,16 @@ def test_bad_predictor_directories(tmp_path):
 
 def test_config_validation():
     with pytest.raises(ValueError, match="3 stages"):
-        make(windows=[4, 8])
+        tiny_predictor(windows=[4, 8])
     with pytest.raises(ValueError, match="decrease"):
-        make(thresholds=[0.5, 0.9])
+        tiny_predictor(thresholds=[0.5, 0.9])
     with pytest.raises(ValueError, match="history"):
-        make(windows=[4, 8, 9])
+        tiny_predictor(windows=[4, 8, 9])
 
 
 @pytest.mark.parametrize("gain", ["kan", "mlp"])
 def test_ablation_variants_one_expert_and_mlp_gain_start_at_the_first_difference(tmp_path, gain):
-    p = make(thresholds=[], windows=[8], gain=gain)
+    p = tiny_predictor(thresholds=[], windows=[8], gain=gain)
     assert len(p.experts["cond"]) == 1
     history = [torch.randn(3, 6) for _ in range(5)]
     out = p.forecast(history, "cond", 7, torch.tensor(SIGMAS))
@@ -175,7 +159,7 @@ def test_ablation_variants_one_expert_and_mlp_gain_start_at_the_first_difference
     assert q.config.gain == gain
     torch.testing.assert_close(q.forecast(history, "cond", 7, torch.tensor(SIGMAS)), out)
     with pytest.raises(ValueError, match="gain"):
-        make(gain="rnn")
+        tiny_predictor(gain="rnn")
 
 
 def test_coefficient_table_is_reused_until_a_weight_changes():
@@ -219,7 +203,7 @@ def test_seed_ensemble_averages_the_members_coefficients(tmp_path):
     """An ensemble's folded coefficients (hence its forecasts) are the mean of its members'; it survives a save and
     load; an ensemble of one is the predictor itself; members of different configs are refused."""
     sig = torch.tensor(SIGMAS)
-    members = [make(seed, step_filters=True, memory="full", interval=4, warmup=2) for seed in range(3)]
+    members = [tiny_predictor(seed, step_filters=True, memory="full", interval=4, warmup=2) for seed in range(3)]
     with torch.no_grad():  # nonzero gains, biases and step filters, different in each member
         for m in members:
             for p in m.parameters():
@@ -241,6 +225,6 @@ def test_seed_ensemble_averages_the_members_coefficients(tmp_path):
     assert one.config.members == 1 and set(one.state_dict()) == set(members[0].state_dict())
     assert torch.equal(one.forecast(hist, "cond", 9, sig), members[0].forecast(hist, "cond", 9, sig))
     with pytest.raises(ValueError, match=r"differs from predictor 0 in \['interval'\]"):
-        LESAPredictor.ensemble([members[0], make(0, step_filters=True, memory="full", interval=5, warmup=2)])
+        LESAPredictor.ensemble([members[0], tiny_predictor(0, step_filters=True, memory="full", interval=5, warmup=2)])
     with pytest.raises(ValueError, match="at least one"):
         LESAPredictor.ensemble([])

@@ -637,20 +637,28 @@ class Trainer:
 
     # -- validation --------------------------------------------------------------------------------------------------
     @torch.no_grad()
+    def trajectory_errors(self, config: CacheConfig, indices: list[int]) -> list[tuple[float, float]]:
+        """(MSE, PSNR) of each trajectory's final latent against the recording, running the pipeline with `config`,
+        in the order of `indices` (this process's trajectories only: no reduction across ranks)."""
+        errors = []
+        enable(self.pipe, config)
+        try:
+            for batch in self._batches(indices, 0):
+                data = [self.rec.load(i) for i in batch]
+                final = self._run(batch, data).float().cpu()
+                for out, d in zip(final, data, strict=True):
+                    errors.append((float(((out - d["final"]) ** 2).mean()), latent_psnr(out, d["final"])))
+        finally:
+            disable(self.pipe)
+        return errors
+
     def closed_loop_error(self, config: CacheConfig, indices: list[int] | None = None) -> dict[str, float]:
         """Mean MSE and PSNR of the final latent against the recording, running the pipeline with `config`
         (each rank runs its share of `indices`; the means are over all of them and equal on every rank)."""
         indices = self.val_idx if indices is None else indices
         sums = torch.zeros(3, dtype=torch.float64)  # MSE, PSNR, count
-        enable(self.pipe, config)
-        try:
-            for batch in self._batches(self._share(indices), 0):
-                data = [self.rec.load(i) for i in batch]
-                final = self._run(batch, data).float().cpu()
-                for out, d in zip(final, data, strict=True):
-                    sums += torch.tensor([float(((out - d["final"]) ** 2).mean()), latent_psnr(out, d["final"]), 1.0])
-        finally:
-            disable(self.pipe)
+        for mse, psnr in self.trajectory_errors(config, self._share(indices)):
+            sums += torch.tensor([mse, psnr, 1.0])
         mse, psnr, n = distributed.all_reduce_sum(sums).tolist()
         return {"mse": mse / n, "psnr": psnr / n}
 
