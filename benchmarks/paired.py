@@ -6,10 +6,12 @@
 For each LESA row (the mean over its training seeds, per prompt) and each other method with as many full steps:
 the mean difference ± its standard error over prompts, the difference of each seed, on how many prompts LESA
 is ahead, the median difference, and how much of the mean comes from prompts whose difference exceeds --jump dB
-either way (an image that lands on another mode of the sampler moves by about 10-15 dB). Rows of later files are
-labelled with their file; a baseline row name already read is not read again. Within a file, LESA predictors whose
+either way (an image that lands on another mode of the sampler moves by about 10-15 dB). LESA predictors whose
 directory names differ only by a seed suffix (`-s1`, `-seed1`) are the seeds of one row; other predictors under the
-same row name (e.g. two variants benched together) get a row each, named by their directory.
+same row name (e.g. two variants benched together) get a row each, named by their directory. LESA rows of later
+files are named by that directory too, so the seeds of one variant benched in several runs form one row, and they
+are also paired with the first file's LESA row of as many full steps (e.g. the shipped predictors). A baseline row
+name already read is not read again.
 """
 
 from __future__ import annotations
@@ -54,10 +56,14 @@ def load_runs(paths: list[Path], metric: str) -> tuple[dict[str, dict], dict[str
                 continue  # the reference
             count = int(run["budget"].split("/")[0])
             if run["family"] == "lesa":
-                label = run["row"] if i == 0 else f"{run['row']} ({path.parent.name})"
-                if len(variants[run["row"]]) > 1:
-                    label += f" [{variant(run['seed'])}]"
-                lesa.setdefault(label, {"count": count, "seeds": {}})["seeds"][run["seed"]] = values
+                if i > 0:
+                    label = f"{run['row']} ({variant(run['seed'])})"
+                elif len(variants[run["row"]]) > 1:
+                    label = f"{run['row']} [{variant(run['seed'])}]"
+                else:
+                    label = run["row"]
+                row = lesa.setdefault(label, {"count": count, "seeds": {}, "first": i == 0})
+                row["seeds"][run["seed"]] = values
             elif run["row"] not in others:
                 others[run["row"]] = {"count": count, "values": values}
     return lesa, others
@@ -74,12 +80,15 @@ def main(argv: list[str] | None = None) -> None:
     columns += ["prompts LESA leads", f"median; share of the mean from jumps (beyond ±{args.jump:g} dB)"]
     print("| " + " | ".join(columns) + " |")
     print("|---|---|---|---|---|---|")
+    for row in lesa.values():
+        row["mean"] = [sum(v) / len(v) for v in zip(*row["seeds"].values(), strict=True)]
+    first = {label: {"count": row["count"], "values": row["mean"]} for label, row in lesa.items() if row["first"]}
     for label, row in lesa.items():
         seeds = list(row["seeds"].values())
-        mean_per_prompt = [sum(v) / len(v) for v in zip(*seeds, strict=True)]
+        mean_per_prompt = row["mean"]
         own = ", ".join(f"{mean_se(s)[0]:.2f}" for s in seeds)
         head = f"{label}: {mean_se(mean_per_prompt)[0]:.2f} ({own})"
-        for name, other in others.items():
+        for name, other in {**others, **({} if row["first"] else first)}.items():
             if other["count"] != row["count"]:
                 continue
             diff = [a - b for a, b in zip(mean_per_prompt, other["values"], strict=True)]

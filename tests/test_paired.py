@@ -63,6 +63,19 @@ def test_variants_benched_together_get_a_row_each(tmp_path, capsys):
     assert lines[3].startswith("| LESA N=7 [b-n7]: 20.00 (20.00) | FORA N=7 | 30.00 | -10.00 ± 0.00")
 
 
+def test_later_files_merge_a_variants_seeds_and_pair_it_with_the_first_files_lesa(tmp_path, capsys):
+    shipped = run("LESA N=7", "lesa", "10/50", [30.0, 30.0], "src/predictors/n7")
+    first = write(tmp_path / "a.json", [shipped, run("FORA N=7", "fora", "10/50", [29.0, 29.0])], n=2)
+    b = write(tmp_path / "b.json", [run("LESA N=7", "lesa", "10/50", [31.0, 30.0], "runs/x-n7-s0")], n=2)
+    c = write(tmp_path / "c.json", [run("LESA N=7", "lesa", "10/50", [33.0, 30.0], "runs/x-n7-s2")], n=2)
+    paired.main([str(first), str(b), str(c)])
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 + 1 + 2  # the first file's row against FORA; the merged variant against FORA and it
+    # seeds 0 and 2 of x-n7 from two runs: per prompt 32, 30 -> +1.00 over the shipped row (seeds +0.50, +1.50)
+    assert lines[3].startswith("| LESA N=7 (x-n7): 31.00 (30.50, 31.50) | FORA N=7 | 29.00 | +2.00 ± 1.00")
+    assert lines[4].startswith("|  | LESA N=7 | 30.00 | +1.00 ± 1.00 (+0.50, +1.50) | 1 of 2 |")
+
+
 def test_refuses_results_of_other_prompt_counts(tmp_path):
     a = write(tmp_path / "a.json", [run("FORA N=7", "fora", "10/50", [1.0, 2.0, 3.0])])
     b = write(tmp_path / "b.json", [], n=4)

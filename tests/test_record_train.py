@@ -40,6 +40,11 @@ def test_recording_holds_every_step(recording):
     assert data["cond.output"].shape == (STEPS, 64, 4)
     assert data["noise"].shape == data["final"].shape == (64, 4)
     assert len(recording.sigmas) == STEPS + 1
+    # every step's latent input: the noise first, then each Euler step of the recorded velocity, then the final latent
+    latents, sigmas = data["latents"], torch.tensor(recording.sigmas)
+    assert latents.shape == (STEPS, 64, 4) and torch.equal(latents[0], data["noise"])
+    after = latents + (sigmas[1:] - sigmas[:-1])[:, None, None] * data["cond.output"]
+    assert torch.allclose(after[:-1], latents[1:], atol=1e-5) and torch.allclose(after[-1], data["final"], atol=1e-5)
     assert recording.entries[3]["seed"] == 3
 
 
@@ -488,3 +493,40 @@ def test_history_grad_makes_the_whole_gradient_exact(pipe, recording, tmp_path):
     exact, cached = gradient(True, check=True)
     detached, _ = gradient(False, check=False)
     assert not torch.allclose(exact[cached[0]], detached[cached[0]])
+
+
+def test_loss_cycles_adds_the_early_latents_to_the_final_loss(pipe, recording, tmp_path):
+    """--loss-cycles K: the final loss plus the log MSE of the latent closing each of the first K cache cycles. The
+    added term depends only on the forecasts before it: its gradient covers the first cycle's steps and no later
+    one. A recording without per-step latents is refused by name."""
+
+    def gradient(cycles: int) -> tuple[torch.Tensor, Trainer]:
+        config = TrainConfig(**QUICK_CALIBRATED, step_filters=True, epochs_clar=1, loss_cycles=cycles)
+        trainer = Trainer(recording, pipe, tmp_path / f"c{cycles}", config, **QUIET)
+        predictor = trainer.new_predictor(0)
+        (table,) = predictor.step_filters.values()
+        batch = trainer.train_idx[:2]
+        data = [recording.load(i) for i in batch]
+        lesa.enable(pipe, lesa.LESAConfig(predictor=predictor, differentiable=True, count_flops=False))
+        try:
+            (grad,) = torch.autograd.grad(trainer.final_loss(batch, data), [table])
+        finally:
+            lesa.disable(pipe)
+        return grad, trainer
+
+    final_only, trainer = gradient(0)
+    extra = gradient(1)[0] - final_only
+    first_full = trainer.schedule.full_steps(trainer.num_steps)[trainer.cfg.warmup + 1]  # closes the first cycle
+    assert extra[trainer.cached_steps[0]].abs().sum() > 0
+    assert extra[first_full:].abs().max() == 0
+
+    with pytest.raises(ValueError, match="needs loss 'final'"):
+        TrainConfig(loss="cycle", loss_cycles=1)
+    old = tmp_path / "old"
+    shutil.copytree(recording.dir, old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    del manifest["shapes"]["latents"]
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    config = TrainConfig(**QUICK_CALIBRATED, loss_cycles=1)
+    with pytest.raises(ValueError, match=f"which {old} does not hold"):
+        Trainer(Recording(old), pipe, tmp_path / "o", config, **QUIET)

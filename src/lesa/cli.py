@@ -124,6 +124,13 @@ def _parser() -> argparse.ArgumentParser:
         "closed-loop loss per cached step (paper), integrated over each cache cycle, or on the final latent "
         "(back-propagated through the whole sampler)",
     )
+    tr.add_argument(
+        "--loss-cycles",
+        type=int,
+        default=0,
+        help="loss final: also score the latent at the end of each of the first K cache cycles against the recorded "
+        "one (needs a recording with per-step latents; default 0: the final latent only)",
+    )
     _choice(tr, "select", "held-out score that picks the kept checkpoint")
     _choice(
         tr,
@@ -279,6 +286,7 @@ def _train_config(args):
         kan_hidden=_ints(args.kan_hidden, "kan-hidden"),
         gain=args.gain,
         anchor=args.anchor,
+        loss_cycles=args.loss_cycles,
         **{k: v for k, v in explicit.items() if v is not None},
     )
 

@@ -1,7 +1,8 @@
 """Record feature trajectories of the unaccelerated pipeline: one safetensors shard per prompt plus a manifest.
 
-A shard holds the initial noise (the transformer's latent input at step 0, exact dtype), the final latent (fp32), the
-sigma schedule and, per cache context, every step's tapped feature and transformer output (in the record dtype).
+A shard holds the initial noise (the transformer's latent input at step 0, exact dtype), every step's latent input
+("latents", exact dtype; recordings made before it existed lack it), the final latent (fp32), the sigma schedule and,
+per cache context, every step's tapped feature and transformer output (in the record dtype).
 
 Shards are streamed to disk: the shard's layout is known from a one-step probe, so each step's tensors go straight
 into a pre-sized temporary file at their final offsets (RAM holds one step, not a whole trajectory) and the file is
@@ -174,12 +175,15 @@ class _StreamingRecorder:
         self.writer = writer
         self.dtype = dtype
         self.where = where
-        self.noise_written = False
+        self.latent_steps: set[int] = set()
 
     def __call__(self, event: StepEvent) -> None:
-        if not self.noise_written:
-            self.writer.write("noise", event.latents.detach()[0])
-            self.noise_written = True
+        if event.step not in self.latent_steps:  # the first context's call of a step: every context gets these latents
+            latents = event.latents.detach()[0]
+            if not self.latent_steps:
+                self.writer.write("noise", latents)
+            self.writer.write("latents", latents, row=event.step)
+            self.latent_steps.add(event.step)
         for kind, tensor in (("feature", event.tap), ("output", event.output)):
             name = f"{event.context}.{kind}"
             piece = _per_prompt(tensor.detach()).to("cpu", self.dtype)
@@ -238,8 +242,10 @@ def probe_layout(pipe, prompt: str, settings: dict, dtype: torch.dtype, device: 
     probe = _ShapeProbe(dtype)
     final = _generate(pipe, prompt, settings["seed"], dict(settings, steps=1), device, probe)
     n_sigmas = len(pipe.scheduler.sigmas) - 1 + steps
-    layout: Layout = {"noise": probe.layout.pop("noise"), "final": (torch.float32, tuple(final.shape[1:]))}
+    noise = probe.layout.pop("noise")
+    layout: Layout = {"noise": noise, "final": (torch.float32, tuple(final.shape[1:]))}
     layout["sigmas"] = (torch.float32, (n_sigmas,))
+    layout["latents"] = (noise[0], (steps, *noise[1]))
     for name in sorted(probe.layout):
         dt, shape = probe.layout[name]
         layout[name] = (dt, (steps, *shape))

@@ -113,6 +113,10 @@ class TrainConfig:
     # closed loop: "step" (each cached step), "cycle" (the error integrated over a cache cycle) or "final" (the log
     # error of the final latent, back-propagated through the whole sampler: the held-out score itself)
     loss: str = "step"
+    # loss "final": also the log MSE of the latent at the end of each of the first `loss_cycles` cache cycles (the
+    # latent entering the full step that closes it) against the recorded latents, weighted like the final one: more
+    # weight on the early cycles, where a forecast error decides which image the sampler settles on
+    loss_cycles: int = 0
     select: str = "mse"  # held-out score that picks the kept checkpoint: final-latent "mse" or "psnr"
     # where the interval's budget of full steps goes: "uniform" (every N steps), "plan" (also a placement by dynamic
     # programming on the teacher-forced error; a predictor is trained on each and the better on the held-out split
@@ -138,6 +142,8 @@ class TrainConfig:
             raise ValueError(f"val_fraction must lie in (0, 1), got {self.val_fraction}")
         if self.anchor < 0:
             raise ValueError(f"anchor must be >= 0, got {self.anchor}")
+        if self.loss_cycles < 0 or (self.loss_cycles and self.loss != "final"):
+            raise ValueError(f"loss_cycles must be >= 0 and needs loss 'final', got {self.loss_cycles} / {self.loss!r}")
 
     def fingerprint(self) -> dict[str, Any]:
         """What a checkpoint must share with the run that resumes it."""
@@ -224,6 +230,11 @@ class Trainer:
         # Few-step schedules: a cached step s has at most s earlier features, so a window beyond the last cached
         # step's index can never fill; shrink K to what the schedule can supply (50 steps: no change).
         reach = max(self.cached_steps)
+        if config.loss_cycles and "latents" not in recording.shapes:
+            raise ValueError(
+                f"loss_cycles {config.loss_cycles} scores the latents of each step, which {recording.dir} does not "
+                "hold (recorded before `lesa record` stored them): record it again into a new directory"
+            )
         self.windows = tuple(min(k, reach) for k in config.windows)
         prompts = [entry["prompt"] for entry in recording.entries]
         self.train_idx, self.val_idx = split_indices(len(recording), config.val_fraction, prompts)
@@ -616,10 +627,28 @@ class Trainer:
         trajectories is the held-out score, mean PSNR, up to sign and scale. The features in the predictor's history
         stay detached unless `history_grad`: a forecast then reaches the loss through the latents and every later step,
         not through later forecasts (the exact gradient, `history_grad`, trains stably only at a low learning rate,
-        BENCHMARKS.md)."""
-        final = self._run(batch, data, grad=True).float()
-        ref = torch.stack([d["final"] for d in data]).to(final.device, torch.float32)
-        return ((final - ref) ** 2).flatten(1).mean(1).log().sum()
+        BENCHMARKS.md). With `loss_cycles`, the same term of the latents at the end of the first cache cycles is
+        added."""
+
+        def log_mse(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+            return ((x.float() - ref.to(x.device, torch.float32)) ** 2).flatten(1).mean(1).log().sum()
+
+        full = [s for s in self.schedule.full_steps(self.num_steps) if s > self.cfg.warmup][: self.cfg.loss_cycles]
+        latents: dict[int, torch.Tensor] = {}
+
+        def grab(event: StepEvent) -> None:  # the first context's call of a step; the rows of the batch's prompts
+            if event.step in full and event.step not in latents:
+                latents[event.step] = event.latents[: len(batch)]
+
+        runtime = get_runtime(self.pipe.transformer)
+        runtime.observers.append(grab)
+        try:
+            loss = log_mse(self._run(batch, data, grad=True), torch.stack([d["final"] for d in data]))
+        finally:
+            runtime.observers.remove(grab)
+        for step in full:
+            loss = loss + log_mse(latents[step], torch.stack([d["latents"][step] for d in data]))
+        return loss
 
     def _run(self, batch: list[int], data: list[dict[str, torch.Tensor]], grad: bool = False) -> torch.Tensor:
         """The pipeline on these trajectories' prompts and noise; `grad`: with autograd through the whole sampler

@@ -1,0 +1,85 @@
+"""Held-out PSNR of the latent at every full step, not only the final one: where along the sampler a forecaster's
+error builds up.
+
+Runs `lesa train`'s closed loop on the held-out split of a recording that holds per-step latents (`lesa record`
+stores them) and scores, per predictor and for damped TaylorSeer O1 on the same steps, the latent entering each full
+step after the warm-up (the end of each cache cycle) and the final latent against the recording; the mean over the
+held-out trajectories of each, in dB (peak: the reference latent's range, as `lesa train` scores the final one).
+
+    python benchmarks/latent_errors.py src/lesa/embedded/predictors/n7 runs/lc2-n7-s0 --data runs/rec-lat
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from lesa import disable, enable
+from lesa.config import CacheConfig, LESAConfig, TaylorSeerConfig
+from lesa.models import load_pipeline
+from lesa.predictor import LESAPredictor
+from lesa.record import Recording
+from lesa.runtime import StepEvent, get_runtime
+from lesa.train import TrainConfig, Trainer, latent_psnr
+
+
+def latent_errors(trainer: Trainer, config: CacheConfig, steps: list[int]) -> list[float]:
+    """Mean held-out PSNR of the latent entering each of `steps`, then of the final latent, running `config`."""
+    sums = [0.0] * (len(steps) + 1)
+    latents: dict[int, torch.Tensor] = {}
+
+    def grab(event: StepEvent) -> None:
+        if event.step in steps and event.step not in latents:
+            latents[event.step] = event.latents.detach().float().cpu()
+
+    enable(trainer.pipe, config)
+    observers = get_runtime(trainer.pipe.transformer).observers
+    observers.append(grab)
+    try:
+        for batch in trainer._batches(trainer.val_idx, 0):
+            data = [trainer.rec.load(i) for i in batch]
+            latents.clear()
+            final = trainer._run(batch, data).float().cpu()
+            for row, d in enumerate(data):
+                for j, step in enumerate(steps):
+                    sums[j] += latent_psnr(latents[step][row], d["latents"][step])
+                sums[-1] += latent_psnr(final[row], d["final"])
+    finally:
+        observers.remove(grab)
+        disable(trainer.pipe)
+    return [s / len(trainer.val_idx) for s in sums]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("predictors", nargs="+", help="predictor directories of one schedule")
+    parser.add_argument("--data", required=True, help="a `lesa record` directory with per-step latents")
+    parser.add_argument("--val-fraction", type=float, default=0.2, help="as given to `lesa train`")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    predictors = [LESAPredictor.from_pretrained(d) for d in args.predictors]
+    rec = Recording(args.data)
+    if "latents" not in rec.shapes:
+        raise SystemExit(f"{args.data} holds no per-step latents: record it again with this lesa")
+    pipe = load_pipeline(rec.settings["model"], "cpu")
+    pipe.set_progress_bar_config(disable=True)
+    schedule = predictors[0].config
+    config = TrainConfig(interval=schedule.interval, warmup=schedule.warmup, val_fraction=args.val_fraction)
+    trainer = Trainer(rec, pipe, "unused", config, log=lambda *_: None, progress=False)
+    trainer._use_schedule(schedule.schedule())  # a placed schedule too: the predictor's own full steps
+    steps = [s for s in trainer.schedule.full_steps(trainer.num_steps) if s > config.warmup]
+    print(f"held-out split: {len(trainer.val_idx)} trajectories of {args.data}; mean PSNR (dB) of the latent entering")
+    print(f"{'':>40s}  " + "  ".join(f"{f'step {s}':>8s}" for s in steps) + f"  {'final':>8s}")
+    damped = TaylorSeerConfig(order=1, damping=trainer.damping, **trainer._schedule_kwargs())
+    scored = [("TaylorSeer O1 damped", damped)]
+    for name, predictor in zip(args.predictors, predictors, strict=True):
+        scored.append((name, LESAConfig(predictor=predictor, count_flops=False)))
+    for name, cfg in scored:
+        values = latent_errors(trainer, cfg, steps)
+        print(f"{name:>40s}  " + "  ".join(f"{v:8.2f}" for v in values), flush=True)
+
+
+if __name__ == "__main__":
+    main()
