@@ -640,12 +640,14 @@ class Trainer:
             if event.step in full and event.step not in latents:
                 latents[event.step] = event.latents[: len(batch)]
 
-        runtime = get_runtime(self.pipe.transformer)
-        runtime.observers.append(grab)
+        observers = get_runtime(self.pipe.transformer).observers
+        if full:
+            observers.append(grab)
         try:
             loss = log_mse(self._run(batch, data, grad=True), torch.stack([d["final"] for d in data]))
         finally:
-            runtime.observers.remove(grab)
+            if full:
+                observers.remove(grab)
         for step in full:
             loss = loss + log_mse(latents[step], torch.stack([d["latents"][step] for d in data]))
         return loss
