@@ -33,7 +33,7 @@ from lesa.config import LESAConfig
 from lesa.models import load_pipeline
 from lesa.predictor import LESAPredictor
 from lesa.record import Recording
-from lesa.train import TrainConfig, Trainer
+from lesa.train import Trainer
 
 
 def increments(predictor: LESAPredictor, feats: torch.Tensor, context: str, sigmas: list[float]):
@@ -137,8 +137,7 @@ def main() -> None:
     rec = Recording(args.data)
     pipe = load_pipeline(rec.settings["model"], "cpu")
     pipe.set_progress_bar_config(disable=True)
-    schedule = TrainConfig(interval=predictor.config.interval, warmup=predictor.config.warmup)
-    trainer = Trainer(rec, pipe, "unused", schedule, log=lambda *_: None, progress=False)
+    trainer = Trainer.for_scoring(rec, pipe, predictor.config)
     step_factors = open_loop(predictor, rec, trainer.train_idx[: args.limit])
 
     factors = [float(f) for f in args.factors.split(",")]

@@ -16,7 +16,7 @@ import torch
 from lesa.models import load_pipeline
 from lesa.predictor import LESAPredictor
 from lesa.record import Recording
-from lesa.train import TrainConfig, Trainer
+from lesa.train import Trainer
 
 
 def main() -> None:
@@ -32,9 +32,7 @@ def main() -> None:
     rec = Recording(args.data)
     pipe = load_pipeline(rec.settings["model"], "cpu")
     pipe.set_progress_bar_config(disable=True)
-    schedule = predictors[0].config
-    config = TrainConfig(interval=schedule.interval, warmup=schedule.warmup, val_fraction=args.val_fraction)
-    trainer = Trainer(rec, pipe, "unused", config, log=lambda *_: None, progress=False)
+    trainer = Trainer.for_scoring(rec, pipe, predictors[0].config, args.val_fraction)
     print(f"held-out split: {len(trainer.val_idx)} trajectories of {args.data}")
     scored = [*zip(args.predictors, predictors, strict=True), (f"ensemble of {len(predictors)}", ensemble)]
     for name, predictor in scored:

@@ -15,39 +15,20 @@ import argparse
 
 import torch
 
-from lesa import disable, enable
 from lesa.config import CacheConfig, LESAConfig, TaylorSeerConfig
 from lesa.models import load_pipeline
 from lesa.predictor import LESAPredictor
 from lesa.record import Recording
-from lesa.runtime import StepEvent, get_runtime
-from lesa.train import TrainConfig, Trainer, latent_psnr
+from lesa.train import Trainer, latent_psnr
 
 
 def latent_errors(trainer: Trainer, config: CacheConfig, steps: list[int]) -> list[float]:
     """Mean held-out PSNR of the latent entering each of `steps`, then of the final latent, running `config`."""
     sums = [0.0] * (len(steps) + 1)
-    latents: dict[int, torch.Tensor] = {}
-
-    def grab(event: StepEvent) -> None:
-        if event.step in steps and event.step not in latents:
-            latents[event.step] = event.latents.detach().float().cpu()
-
-    enable(trainer.pipe, config)
-    observers = get_runtime(trainer.pipe.transformer).observers
-    observers.append(grab)
-    try:
-        for batch in trainer._batches(trainer.val_idx, 0):
-            data = [trainer.rec.load(i) for i in batch]
-            latents.clear()
-            final = trainer._run(batch, data).float().cpu()
-            for row, d in enumerate(data):
-                for j, step in enumerate(steps):
-                    sums[j] += latent_psnr(latents[step][row], d["latents"][step])
-                sums[-1] += latent_psnr(final[row], d["final"])
-    finally:
-        observers.remove(grab)
-        disable(trainer.pipe)
+    for d, final, latents in trainer.rollouts(config, trainer.val_idx, steps):
+        for j, step in enumerate(steps):
+            sums[j] += latent_psnr(latents[step], d["latents"][step])
+        sums[-1] += latent_psnr(final, d["final"])
     return [s / len(trainer.val_idx) for s in sums]
 
 
@@ -65,11 +46,8 @@ def main() -> None:
         raise SystemExit(f"{args.data} holds no per-step latents: record it again with this lesa")
     pipe = load_pipeline(rec.settings["model"], "cpu")
     pipe.set_progress_bar_config(disable=True)
-    schedule = predictors[0].config
-    config = TrainConfig(interval=schedule.interval, warmup=schedule.warmup, val_fraction=args.val_fraction)
-    trainer = Trainer(rec, pipe, "unused", config, log=lambda *_: None, progress=False)
-    trainer._use_schedule(schedule.schedule())  # a placed schedule too: the predictor's own full steps
-    steps = [s for s in trainer.schedule.full_steps(trainer.num_steps) if s > config.warmup]
+    trainer = Trainer.for_scoring(rec, pipe, predictors[0].config, args.val_fraction)
+    steps = [s for s in trainer.schedule.full_steps(trainer.num_steps) if s > trainer.cfg.warmup]
     print(f"held-out split: {len(trainer.val_idx)} trajectories of {args.data}; mean PSNR (dB) of the latent entering")
     print(f"{'':>40s}  " + "  ".join(f"{f'step {s}':>8s}" for s in steps) + f"  {'final':>8s}")
     damped = TaylorSeerConfig(order=1, damping=trainer.damping, **trainer._schedule_kwargs())

@@ -463,36 +463,40 @@ def test_anchor_pulls_every_update_back_toward_the_start(pipe, recording, tmp_pa
         TrainConfig(anchor=-1.0)
 
 
+def filter_gradient(pipe, recording, out, check: bool = False, **settings) -> tuple[torch.Tensor, Trainer]:
+    """The gradient of `final_loss` over a new predictor's per-step filter table, on two training trajectories, with
+    the calibrated settings plus `settings`; `check`: assert it against a central difference along itself."""
+    config = TrainConfig(**QUICK_CALIBRATED, step_filters=True, epochs_clar=1, **settings)
+    trainer = Trainer(recording, pipe, out, config, **QUIET)
+    predictor = trainer.new_predictor(0)
+    (table,) = predictor.step_filters.values()
+    batch = trainer.train_idx[:2]
+    data = [recording.load(i) for i in batch]
+    lesa.enable(pipe, lesa.LESAConfig(predictor=predictor, differentiable=True, history_grad=config.history_grad))
+    try:
+        (grad,) = torch.autograd.grad(trainer.final_loss(batch, data), [table])
+        if check:
+            norm, h, values = float(grad.norm()), 1e-3, []
+            with torch.no_grad():
+                for t in (h, -h):
+                    table.add_(t * grad / norm)
+                    values.append(float(trainer.final_loss(batch, data)))
+                    table.sub_(t * grad / norm)
+            assert (values[0] - values[1]) / (2 * h) == pytest.approx(norm, rel=0.02)
+    finally:
+        lesa.disable(pipe)
+    return grad, trainer
+
+
 def test_history_grad_makes_the_whole_gradient_exact(pipe, recording, tmp_path):
     """--history-grad: the features in the predictor's history keep their gradients, so a forecast also reaches the
     loss through every later forecast: the gradient over every step's filter agrees with a central difference, and
     differs from the detached one on the early cycles."""
 
-    def gradient(history_grad: bool, check: bool) -> tuple[torch.Tensor, list[int]]:
-        config = TrainConfig(**QUICK_CALIBRATED, step_filters=True, epochs_clar=1, history_grad=history_grad)
-        trainer = Trainer(recording, pipe, tmp_path / f"h{history_grad}", config, **QUIET)
-        predictor = trainer.new_predictor(0)
-        (table,) = predictor.step_filters.values()
-        batch = trainer.train_idx[:2]
-        data = [recording.load(i) for i in batch]
-        lesa.enable(pipe, lesa.LESAConfig(predictor=predictor, differentiable=True, history_grad=history_grad))
-        try:
-            (grad,) = torch.autograd.grad(trainer.final_loss(batch, data), [table])
-            if check:
-                norm, h, values = float(grad.norm()), 1e-3, []
-                with torch.no_grad():
-                    for t in (h, -h):
-                        table.add_(t * grad / norm)
-                        values.append(float(trainer.final_loss(batch, data)))
-                        table.sub_(t * grad / norm)
-                assert (values[0] - values[1]) / (2 * h) == pytest.approx(norm, rel=0.02)
-        finally:
-            lesa.disable(pipe)
-        return grad, trainer.cached_steps
-
-    exact, cached = gradient(True, check=True)
-    detached, _ = gradient(False, check=False)
-    assert not torch.allclose(exact[cached[0]], detached[cached[0]])
+    exact, trainer = filter_gradient(pipe, recording, tmp_path / "exact", check=True, history_grad=True)
+    detached, _ = filter_gradient(pipe, recording, tmp_path / "detached", history_grad=False)
+    first = trainer.cached_steps[0]
+    assert not torch.allclose(exact[first], detached[first])
 
 
 def test_loss_cycles_adds_the_early_latents_to_the_final_loss(pipe, recording, tmp_path):
@@ -500,22 +504,8 @@ def test_loss_cycles_adds_the_early_latents_to_the_final_loss(pipe, recording, t
     added term depends only on the forecasts before it: its gradient covers the first cycle's steps and no later
     one. A recording without per-step latents is refused by name."""
 
-    def gradient(cycles: int) -> tuple[torch.Tensor, Trainer]:
-        config = TrainConfig(**QUICK_CALIBRATED, step_filters=True, epochs_clar=1, loss_cycles=cycles)
-        trainer = Trainer(recording, pipe, tmp_path / f"c{cycles}", config, **QUIET)
-        predictor = trainer.new_predictor(0)
-        (table,) = predictor.step_filters.values()
-        batch = trainer.train_idx[:2]
-        data = [recording.load(i) for i in batch]
-        lesa.enable(pipe, lesa.LESAConfig(predictor=predictor, differentiable=True, count_flops=False))
-        try:
-            (grad,) = torch.autograd.grad(trainer.final_loss(batch, data), [table])
-        finally:
-            lesa.disable(pipe)
-        return grad, trainer
-
-    final_only, trainer = gradient(0)
-    extra = gradient(1)[0] - final_only
+    final_only, trainer = filter_gradient(pipe, recording, tmp_path / "c0", loss_cycles=0)
+    extra = filter_gradient(pipe, recording, tmp_path / "c1", loss_cycles=1)[0] - final_only
     first_full = trainer.schedule.full_steps(trainer.num_steps)[trainer.cfg.warmup + 1]  # closes the first cycle
     assert extra[trainer.cached_steps[0]].abs().sum() > 0
     assert extra[first_full:].abs().max() == 0

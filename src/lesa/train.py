@@ -14,13 +14,14 @@ rank 0 alone reads and writes checkpoints and the predictor.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import inspect
 import json
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -247,6 +248,15 @@ class Trainer:
                 f"{recording.dir} was recorded from a {self.settings['model_class']}, "
                 f"but the pipeline's transformer is a {model_class}"
             )
+
+    @classmethod
+    def for_scoring(cls, recording: Recording, pipe, predictor: PredictorConfig, val_fraction: float = 0.2) -> Trainer:
+        """A quiet trainer on `predictor`'s schedule (its placed full steps too) and `lesa train`'s held-out split,
+        for scoring predictors and baselines on that split; it trains nothing and writes nothing."""
+        config = TrainConfig(interval=predictor.interval, warmup=predictor.warmup, val_fraction=val_fraction)
+        trainer = cls(recording, pipe, "unused", config, log=_quiet, progress=False)
+        trainer._use_schedule(predictor.schedule())
+        return trainer
 
     # -- predictor ---------------------------------------------------------------------------------------------------
     def new_predictor(self, seed: int) -> LESAPredictor:
@@ -634,23 +644,28 @@ class Trainer:
             return ((x.float() - ref.to(x.device, torch.float32)) ** 2).flatten(1).mean(1).log().sum()
 
         full = [s for s in self.schedule.full_steps(self.num_steps) if s > self.cfg.warmup][: self.cfg.loss_cycles]
-        latents: dict[int, torch.Tensor] = {}
-
-        def grab(event: StepEvent) -> None:  # the first context's call of a step; the rows of the batch's prompts
-            if event.step in full and event.step not in latents:
-                latents[event.step] = event.latents[: len(batch)]
-
-        observers = get_runtime(self.pipe.transformer).observers
-        if full:
-            observers.append(grab)
-        try:
+        with self.latents_at(full, len(batch)) as latents:
             loss = log_mse(self._run(batch, data, grad=True), torch.stack([d["final"] for d in data]))
-        finally:
-            if full:
-                observers.remove(grab)
         for step in full:
             loss = loss + log_mse(latents[step], torch.stack([d["latents"][step] for d in data]))
         return loss
+
+    @contextlib.contextmanager
+    def latents_at(self, steps: Sequence[int], rows: int) -> Iterator[dict[int, torch.Tensor]]:
+        """Within: the latent entering each of `steps` in the pipeline's calls, by step (its first `rows` rows, one
+        per prompt: a pipeline that batches guidance repeats them), with its autograd graph."""
+        latents: dict[int, torch.Tensor] = {}
+
+        def grab(event: StepEvent) -> None:  # the first context's call of a step: every context gets these latents
+            if event.step in steps and event.step not in latents:
+                latents[event.step] = event.latents[:rows]
+
+        observers = get_runtime(self.pipe.transformer).observers
+        observers.append(grab)
+        try:
+            yield latents
+        finally:
+            observers.remove(grab)
 
     def _run(self, batch: list[int], data: list[dict[str, torch.Tensor]], grad: bool = False) -> torch.Tensor:
         """The pipeline on these trajectories' prompts and noise; `grad`: with autograd through the whole sampler
@@ -668,20 +683,29 @@ class Trainer:
 
     # -- validation --------------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def trajectory_errors(self, config: CacheConfig, indices: list[int]) -> list[tuple[float, float]]:
-        """(MSE, PSNR) of each trajectory's final latent against the recording, running the pipeline with `config`,
-        in the order of `indices` (this process's trajectories only: no reduction across ranks)."""
-        errors = []
+    def rollouts(
+        self, config: CacheConfig, indices: list[int], steps: Sequence[int] = ()
+    ) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor, dict[int, torch.Tensor]]]:
+        """The pipeline run with `config` on these trajectories, in the order of `indices`: per trajectory its
+        recording, its final latent and the latent entering each of `steps` (fp32, on the CPU)."""
         enable(self.pipe, config)
         try:
             for batch in self._batches(indices, 0):
                 data = [self.rec.load(i) for i in batch]
-                final = self._run(batch, data).float().cpu()
-                for out, d in zip(final, data, strict=True):
-                    errors.append((float(((out - d["final"]) ** 2).mean()), latent_psnr(out, d["final"])))
+                with self.latents_at(steps, len(batch)) as latents:
+                    final = self._run(batch, data).float().cpu()
+                for row, d in enumerate(data):
+                    yield d, final[row], {s: x[row].float().cpu() for s, x in latents.items()}
         finally:
             disable(self.pipe)
-        return errors
+
+    def trajectory_errors(self, config: CacheConfig, indices: list[int]) -> list[tuple[float, float]]:
+        """(MSE, PSNR) of each trajectory's final latent against the recording, running the pipeline with `config`,
+        in the order of `indices` (this process's trajectories only: no reduction across ranks)."""
+        return [
+            (float(((out - d["final"]) ** 2).mean()), latent_psnr(out, d["final"]))
+            for d, out, _ in self.rollouts(config, indices)
+        ]
 
     def closed_loop_error(self, config: CacheConfig, indices: list[int] | None = None) -> dict[str, float]:
         """Mean MSE and PSNR of the final latent against the recording, running the pipeline with `config`
