@@ -18,6 +18,7 @@ lesa record --model embedded --prompts src/lesa/embedded/prompts/predictor_train
 #    with lesa train's default `calibrated` recipe: its schedule plan trains seed 0 on the uniform placement and on
 #    one found by dynamic programming, each started at the better of reuse and damped TaylorSeer O1 there, and keeps
 #    the better trained predictor (uniform at N = 7, 0-3, 8, 17, 28, 39 at N = 10); 10-20 min each on one thread.
+#    Its loss also scores the latents closing the first two cache cycles: step 2's per-step latents.
 #    Seed 0 is the default predictor, seed 1 (trained on seed 0's placement) the bench's second seed.
 for n in 7 10; do
   for seed in 0 1; do

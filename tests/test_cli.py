@@ -102,18 +102,23 @@ def test_record_train_generate_through_the_cli(pipe_dir, tmp_path, capsys):
 
 
 def test_train_options_override_the_recipe():
-    """The calibrated recipe trains with the exact gradient at lr 3e-4; the paper recipe detaches the history; an
-    option given explicitly wins over either (--no-history-grad turns the recipe's on off)."""
+    """The calibrated recipe trains with the exact gradient at lr 1e-4 and scores the latents of the first two cache
+    cycles; the paper recipe detaches the history and scores neither; an option given explicitly wins over either
+    (--no-history-grad turns the recipe's on off), and a loss other than "final" drops the recipe's early cycles."""
 
     def config(*flags):
         return _train_config(_parser().parse_args(["train", "--data", "d", "--out", "o", *flags]))
 
     default, paper = config(), config("--recipe", "paper")
-    assert (default.history_grad, default.lr_clar, default.loss) == (True, 3e-4, "final")
-    assert (paper.history_grad, paper.lr_clar, paper.loss) == (False, 3e-3, "step")
+    assert (default.history_grad, default.lr_clar, default.loss, default.loss_cycles) == (True, 1e-4, "final", 2)
+    assert (paper.history_grad, paper.lr_clar, paper.loss, paper.loss_cycles) == (False, 3e-3, "step", 0)
     assert config("--no-history-grad").history_grad is False
     assert config("--recipe", "paper", "--history-grad", "--lr-clar", "1e-4").history_grad is True
     assert config("--recipe", "paper", "--lr-clar", "1e-4").lr_clar == 1e-4
+    assert config("--loss-cycles", "0").loss_cycles == 0
+    assert (config("--loss", "cycle").loss, config("--loss", "cycle").loss_cycles) == ("cycle", 0)
+    with pytest.raises(ValueError, match="loss_cycles must be >= 0 and needs loss 'final'"):
+        config("--loss", "cycle", "--loss-cycles", "2")
 
 
 def test_cli_errors_are_specific(tmp_path, capsys):

@@ -294,8 +294,9 @@ def test_cycle_loss_updates_once_per_cache_cycle_and_selects_by_psnr(pipe, recor
 
 def test_schedule_search_is_stored_in_the_artefact_and_run(pipe, recording, tmp_path, monkeypatch):
     """schedule "search": a predictor is trained on every candidate placement (uniform, planned, searched), the
-    placement whose predictor scores best on the held-out split goes into schedule.json and the predictor's config,
-    and a pipeline accelerated with the predictor runs exactly those steps; a resumed run does not search."""
+    placement whose predictor scores best on the held-out split goes into schedule.json and the predictor's config
+    (trained here with the recipe's early-cycle loss, which the model card names), and a pipeline accelerated with the
+    predictor runs exactly those steps; a resumed run does not search."""
     from conftest import generate
 
     import lesa.train as train_module
@@ -303,7 +304,7 @@ def test_schedule_search_is_stored_in_the_artefact_and_run(pipe, recording, tmp_
     from lesa.runtime import get_runtime
 
     # interval 20: full steps 0..3, 23, 43, two to place, a quick search
-    config = TrainConfig(**QUICK_CALIBRATED, interval=20, epochs_clar=1, schedule="search")
+    config = TrainConfig(**QUICK_CALIBRATED, interval=20, epochs_clar=1, schedule="search", loss_cycles=1)
     out = tmp_path / "p"
     monkeypatch.setattr(train_module, "SEARCH_TRAJECTORIES", 3)  # one minibatch per candidate
     predictor = Trainer(recording, pipe, out, config, **QUIET).run()
@@ -316,7 +317,9 @@ def test_schedule_search_is_stored_in_the_artefact_and_run(pipe, recording, tmp_
     assert saved["full_steps"] == saved[saved["kept"]] != saved["uniform"]  # on this recording
     log = json.loads((out / "training_log.json").read_text())
     assert log["validation"]["LESA (this predictor)"]["psnr"] == pytest.approx(trained[saved["kept"]])
-    assert "trained on each candidate placement: uniform" in (out / "README.md").read_text()
+    card = (out / "README.md").read_text()
+    assert "trained on each candidate placement: uniform" in card
+    assert "plus that of the latent closing each of the first 1 cache cycles" in card
     assert predictor.full_steps == saved["full_steps"]
     assert predictor.config.explicit_full_steps == saved["full_steps"][4:]
     # the pipeline runs exactly those steps, with the predictor and with a baseline on the bench's budget of it

@@ -127,9 +127,9 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument(
         "--loss-cycles",
         type=int,
-        default=0,
         help="loss final: also score the latent at the end of each of the first K cache cycles against the recorded "
-        "one (needs a recording with per-step latents; default 0: the final latent only)",
+        "one (needs a recording with per-step latents; default: the recipe's, 2 in calibrated, 0 in paper; 0: the "
+        "final latent only)",
     )
     _choice(tr, "select", "held-out score that picks the kept checkpoint")
     _choice(
@@ -271,6 +271,7 @@ def _train_config(args):
         select=args.select,
         schedule=args.schedule,
         history_grad=args.history_grad,
+        loss_cycles=args.loss_cycles,
     )
     return TrainConfig.from_recipe(
         args.recipe,
@@ -286,7 +287,6 @@ def _train_config(args):
         kan_hidden=_ints(args.kan_hidden, "kan-hidden"),
         gain=args.gain,
         anchor=args.anchor,
-        loss_cycles=args.loss_cycles,
         **{k: v for k, v in explicit.items() if v is not None},
     )
 

@@ -55,8 +55,9 @@ SEARCH_TRAJECTORIES = 40  # training trajectories a schedule plan or search read
 
 # Named settings of `lesa train --recipe` (explicit options override them). "paper" is the faithful reproduction of
 # arXiv 2602.20497: TrainConfig's own defaults. "calibrated" starts from the better of reuse and damped TaylorSeer
-# O1 on a memory of full-step features, trains against the final latent's error back-propagated through the
-# sampler, and keeps the placement of the full steps whose trained predictor scores best (BENCHMARKS.md).
+# O1 on a memory of full-step features, trains against the errors of the final latent and of the latents closing the
+# first two cache cycles, back-propagated through the sampler, and keeps the placement of the full steps whose
+# trained predictor scores best (BENCHMARKS.md).
 RECIPES: dict[str, dict[str, Any]] = {
     "paper": {},
     "calibrated": dict(
@@ -67,8 +68,9 @@ RECIPES: dict[str, dict[str, Any]] = {
         select="psnr",
         phases=("clar",),
         epochs_clar=8,
-        lr_clar=3e-4,
+        lr_clar=1e-4,
         history_grad=True,
+        loss_cycles=2,
         windows=(3, 3, 3),
         history=3,
     ),
@@ -161,6 +163,8 @@ class TrainConfig:
         settings = {**RECIPES[recipe], **overrides}
         if "windows" in overrides and "history" not in overrides:  # the history is as long as the largest window
             settings["history"] = max(settings["windows"])
+        if settings.get("loss", "step") != "final" and "loss_cycles" not in overrides:  # a term of loss "final"
+            settings.pop("loss_cycles", None)
         return cls(**settings)
 
     def better(self, a: dict[str, float], b: dict[str, float]) -> bool:
@@ -234,7 +238,8 @@ class Trainer:
         if config.loss_cycles and "latents" not in recording.shapes:
             raise ValueError(
                 f"loss_cycles {config.loss_cycles} scores the latents of each step, which {recording.dir} does not "
-                "hold (recorded before `lesa record` stored them): record it again into a new directory"
+                "hold (recorded before `lesa record` stored them): record it again into a new directory, or pass "
+                "--loss-cycles 0"
             )
         self.windows = tuple(min(k, reach) for k in config.windows)
         prompts = [entry["prompt"] for entry in recording.entries]
@@ -991,8 +996,12 @@ def model_card(predictor: LESAPredictor, summary: dict, rec: Recording) -> str:
         "cycle": f"L1 on the {cfg['target']}, integrated over each cache cycle",
         "final": "log MSE of the final latent, back-propagated through the sampler",
     }[cfg.get("loss", "step")]
+    if cfg.get("loss_cycles"):
+        loss += f", plus that of the latent closing each of the first {cfg['loss_cycles']} cache cycles"
     loss += "; exact gradient (through the predictor's history too)" if cfg.get("history_grad") else ""
     phases = "; ".join(f"{phase} {cfg[f'epochs_{phase}']} epochs at lr {cfg[f'lr_{phase}']}" for phase in cfg["phases"])
+    decay = any(cfg[f"lr_{phase}"] != cfg["lr_min"] for phase in cfg["phases"])
+    phases += f" (cosine to {cfg['lr_min']})" if decay else " (constant)"
     memory = "the last K full-step features" if pc.memory == "full" else "the last K features"
     start = {
         "reuse": "started at reuse (FORA)",
@@ -1016,7 +1025,7 @@ skipped and this predictor forecasts the tapped feature ({pc.tap}).
 - Parameters: {predictor.num_parameters():,}
 - Training data: {summary["train_trajectories"]} training and {summary["val_trajectories"]} held-out trajectories
   from `{rec.dir}` ({len(rec)} prompts recorded at {size})
-- Training: {phases} (cosine to {cfg["lr_min"]}); closed-loop loss: {loss}; batch
+- Training: {phases}; closed-loop loss: {loss}; batch
   {cfg["batch_size"]}; checkpoint by held-out {cfg.get("select", "mse")}; kept: seed {summary["best_seed"]}
 
 ## Measured validation error (held-out trajectories, closed loop, same schedule)
