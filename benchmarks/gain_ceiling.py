@@ -30,7 +30,6 @@ import torch
 from tqdm.auto import tqdm
 
 from lesa.config import LESAConfig
-from lesa.models import load_pipeline
 from lesa.predictor import LESAPredictor
 from lesa.record import Recording
 from lesa.train import Trainer
@@ -135,9 +134,7 @@ def main() -> None:
     if predictor.config.memory != "full":
         raise ValueError(f"{args.predictor}: this analysis needs memory 'full' (a history of recorded features)")
     rec = Recording(args.data)
-    pipe = load_pipeline(rec.settings["model"], "cpu")
-    pipe.set_progress_bar_config(disable=True)
-    trainer = Trainer.for_scoring(rec, pipe, predictor.config)
+    trainer = Trainer.for_scoring(rec, predictor.config)
     step_factors = open_loop(predictor, rec, trainer.train_idx[: args.limit])
 
     factors = [float(f) for f in args.factors.split(",")]

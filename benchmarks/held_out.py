@@ -13,7 +13,6 @@ import argparse
 
 import torch
 
-from lesa.models import load_pipeline
 from lesa.predictor import LESAPredictor
 from lesa.record import Recording
 from lesa.train import Trainer
@@ -30,9 +29,7 @@ def main() -> None:
     predictors = [LESAPredictor.from_pretrained(d) for d in args.predictors]
     ensemble = LESAPredictor.ensemble(predictors)
     rec = Recording(args.data)
-    pipe = load_pipeline(rec.settings["model"], "cpu")
-    pipe.set_progress_bar_config(disable=True)
-    trainer = Trainer.for_scoring(rec, pipe, predictors[0].config, args.val_fraction)
+    trainer = Trainer.for_scoring(rec, predictors[0].config, args.val_fraction)
     print(f"held-out split: {len(trainer.val_idx)} trajectories of {args.data}")
     scored = [*zip(args.predictors, predictors, strict=True), (f"ensemble of {len(predictors)}", ensemble)]
     for name, predictor in scored:

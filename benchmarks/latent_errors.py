@@ -16,7 +16,6 @@ import argparse
 import torch
 
 from lesa.config import CacheConfig, LESAConfig, TaylorSeerConfig
-from lesa.models import load_pipeline
 from lesa.predictor import LESAPredictor
 from lesa.record import Recording
 from lesa.train import Trainer, latent_psnr
@@ -44,9 +43,7 @@ def main() -> None:
     rec = Recording(args.data)
     if "latents" not in rec.shapes:
         raise SystemExit(f"{args.data} holds no per-step latents: record it again with this lesa")
-    pipe = load_pipeline(rec.settings["model"], "cpu")
-    pipe.set_progress_bar_config(disable=True)
-    trainer = Trainer.for_scoring(rec, pipe, predictors[0].config, args.val_fraction)
+    trainer = Trainer.for_scoring(rec, predictors[0].config, args.val_fraction)
     steps = [s for s in trainer.schedule.full_steps(trainer.num_steps) if s > trainer.cfg.warmup]
     print(f"held-out split: {len(trainer.val_idx)} trajectories of {args.data}; mean PSNR (dB) of the latent entering")
     print(f"{'':>40s}  " + "  ".join(f"{f'step {s}':>8s}" for s in steps) + f"  {'final':>8s}")

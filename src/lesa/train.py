@@ -255,9 +255,17 @@ class Trainer:
             )
 
     @classmethod
-    def for_scoring(cls, recording: Recording, pipe, predictor: PredictorConfig, val_fraction: float = 0.2) -> Trainer:
+    def for_scoring(
+        cls, recording: Recording, predictor: PredictorConfig, val_fraction: float = 0.2, pipe=None
+    ) -> Trainer:
         """A quiet trainer on `predictor`'s schedule (its placed full steps too) and `lesa train`'s held-out split,
-        for scoring predictors and baselines on that split; it trains nothing and writes nothing."""
+        for scoring predictors and baselines on that split; it trains nothing and writes nothing. Without `pipe`, the
+        recording's model on the CPU."""
+        if pipe is None:
+            from .models import load_pipeline
+
+            pipe = load_pipeline(recording.settings["model"], "cpu")
+            pipe.set_progress_bar_config(disable=True)
         config = TrainConfig(interval=predictor.interval, warmup=predictor.warmup, val_fraction=val_fraction)
         trainer = cls(recording, pipe, "unused", config, log=_quiet, progress=False)
         trainer._use_schedule(predictor.schedule())
