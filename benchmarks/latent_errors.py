@@ -44,7 +44,7 @@ def main() -> None:
     if "latents" not in rec.shapes:
         raise SystemExit(f"{args.data} holds no per-step latents: record it again with this lesa")
     trainer = Trainer.for_scoring(rec, predictors[0].config, args.val_fraction)
-    steps = [s for s in trainer.schedule.full_steps(trainer.num_steps) if s > trainer.cfg.warmup]
+    steps = trainer.cycle_ends()
     print(f"held-out split: {len(trainer.val_idx)} trajectories of {args.data}; mean PSNR (dB) of the latent entering")
     print(f"{'':>40s}  " + "  ".join(f"{f'step {s}':>8s}" for s in steps) + f"  {'final':>8s}")
     damped = TaylorSeerConfig(order=1, damping=trainer.damping, **trainer._schedule_kwargs())

@@ -656,12 +656,16 @@ class Trainer:
         def log_mse(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
             return ((x.float() - ref.to(x.device, torch.float32)) ** 2).flatten(1).mean(1).log().sum()
 
-        full = [s for s in self.schedule.full_steps(self.num_steps) if s > self.cfg.warmup][: self.cfg.loss_cycles]
+        full = self.cycle_ends()[: self.cfg.loss_cycles]
         with self.latents_at(full, len(batch)) as latents:
             loss = log_mse(self._run(batch, data, grad=True), torch.stack([d["final"] for d in data]))
         for step in full:
             loss = loss + log_mse(latents[step], torch.stack([d["latents"][step] for d in data]))
         return loss
+
+    def cycle_ends(self) -> list[int]:
+        """The full steps after the warm-up: each closes a cache cycle, and the latent entering it ends that cycle."""
+        return [s for s in self.schedule.full_steps(self.num_steps) if s > self.cfg.warmup]
 
     @contextlib.contextmanager
     def latents_at(self, steps: Sequence[int], rows: int) -> Iterator[dict[int, torch.Tensor]]:
