@@ -96,7 +96,9 @@ def test_bench_cli_writes_results_with_counts_matching_the_schedules(tmp_path, t
     prompts = tmp_path / "eval.txt"
     prompts.write_text("an evaluation prompt\nanother evaluation prompt\n")
     out = tmp_path / "bench"
-    methods = "lesa,fora,taylorseer-o1,taylorseer-damped,linear,teacache,diffusers-taylorseer"
+    methods = (
+        "lesa,fora,taylorseer-o1,taylorseer-damped,linear,taylorseer-damped-corrected,teacache,diffusers-taylorseer"
+    )
     argv = ["bench", "--model", "tiny-random-flux", "--prompts", str(prompts), "--out", str(out)]
     argv += ["--predictor", str(predictor_dir), "--methods", methods, "--fit-data", str(recording.dir)]
     argv += ["--height", str(SIZE), "--width", str(SIZE), "--search-prompts", "1", "--search-iterations", "5"]
@@ -108,6 +110,7 @@ def test_bench_cli_writes_results_with_counts_matching_the_schedules(tmp_path, t
     rows = {r["row"]: r for r in results["rows"]}
     assert rows["full compute"]["trunk_executions"] == STEPS
     fixed = ["LESA N=7", "FORA N=7", "TaylorSeer O1 N=7", "TaylorSeer O1 damped N=7", "least-squares linear N=7"]
+    fixed.append("TaylorSeer O1 damped + correction N=7")
     for name in [*fixed, "diffusers TaylorSeerCache lite O1 N=7"]:
         assert rows[name]["trunk_executions"] == pytest.approx(10), name
         assert rows[name]["flops_speedup"] > 2.0, name
@@ -115,6 +118,9 @@ def test_bench_cli_writes_results_with_counts_matching_the_schedules(tmp_path, t
         for key in ("psnr", "ssim", "wallclock_speedup"):
             assert key in rows[name], (name, key)
     assert 0 < rows["TaylorSeer O1 damped N=7"]["fitted"]["damping"] < 2
+    corrected = rows["TaylorSeer O1 damped + correction N=7"]
+    assert corrected["fitted"]["correction"] == {"10": 1 / 3, "17": 1 / 3}  # the first two cycles after the warm-up
+    assert corrected["fitted"]["damping"] == rows["TaylorSeer O1 damped N=7"]["fitted"]["damping"]
     # LESA's once-per-generation coefficient folding is counted once, not charged to every full call
     assert rows["LESA N=7"]["flops_speedup"] == pytest.approx(rows["FORA N=7"]["flops_speedup"], rel=0.01)
     teacache = next(r for r in results["rows"] if r["family"] == "teacache")

@@ -131,6 +131,21 @@ def _parser() -> argparse.ArgumentParser:
         "one (needs a recording with per-step latents; default: the recipe's, 2 in calibrated, 0 in paper; 0: the "
         "final latent only)",
     )
+    tr.add_argument(
+        "--correction",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="loss final: learn a full-step correction with the forecasts (feeds each cache cycle's measured "
+        "forecast error back into the latent at the full step closing it; default: the recipe's, on in calibrated)",
+    )
+    tr.add_argument(
+        "--correction-start",
+        type=float,
+        default=None,
+        help="strength the correction starts from on the first --correction-cycles cycles (default 1/3)",
+    )
+    tr.add_argument("--correction-cycles", type=int, default=None, help="cycles started corrected (default 2)")
+    tr.add_argument("--lr-correction", type=float, default=None, help="peak learning rate of the correction (1e-2)")
     _choice(tr, "select", "held-out score that picks the kept checkpoint")
     _choice(
         tr,
@@ -272,6 +287,10 @@ def _train_config(args):
         schedule=args.schedule,
         history_grad=args.history_grad,
         loss_cycles=args.loss_cycles,
+        correction=args.correction,
+        correction_start=args.correction_start,
+        correction_cycles=args.correction_cycles,
+        lr_correction=args.lr_correction,
     )
     return TrainConfig.from_recipe(
         args.recipe,

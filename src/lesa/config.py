@@ -6,6 +6,7 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .correction import FullStepCorrector
 from .policies import LESAPolicy, LinearForecastPolicy, Policy, ReusePolicy, TaylorSeerPolicy, TeaCachePolicy
 from .policies.teacache import FLUX_COEFFICIENTS
 from .predictor import LESAPredictor
@@ -24,6 +25,9 @@ class CacheConfig:
     # forecast only what the trunk adds to its input (tap minus the first block's input, which a cached step still
     # computes from its own latent), not the whole tapped feature; needs an adapter with `residual_stream`
     residual: bool = False
+    # full-step correction (`lesa.correction`): strength per full step (e.g. `correction.first_cycles(...)`); a
+    # full step absent from it is not corrected; empty: off
+    correction: dict[int, float] = field(default_factory=dict)
 
     name = "none"
     adaptive = False  # True: the policy decides at the first trunk block whether a step is full
@@ -33,6 +37,15 @@ class CacheConfig:
 
     def make_policy(self, context: str) -> Policy:
         return Policy()
+
+    def make_corrector(
+        self, context: str, sigmas: list[float] | None, full_steps: list[int]
+    ) -> FullStepCorrector | None:
+        """The full-step correction of one context's generation, or None when off."""
+        if not self.correction:
+            return None
+        strengths = {int(k): float(v) for k, v in self.correction.items()}
+        return FullStepCorrector(lambda step: strengths.get(step, 0.0), sigmas, full_steps)
 
     def check_model(self, model_class: str) -> None:
         """Refuse a model this configuration was not made for."""
@@ -108,6 +121,8 @@ class LESAConfig(CacheConfig):
     # with differentiable: the history keeps the gradient of the features it holds (exact back-propagation through
     # time: a forecast also reaches the loss through every later forecast that reads it); off: detached
     history_grad: bool = False
+    # the predictor's learned full-step correction, if it has one (False: forecasts only, e.g. for an ablation)
+    learned_correction: bool = True
     name = "lesa"
 
     def __post_init__(self) -> None:
@@ -140,6 +155,18 @@ class LESAConfig(CacheConfig):
         return LESAPolicy(
             self.predictor, self.predictor.resolve_context(context), self.differentiable, self.history_grad
         )
+
+    def make_corrector(
+        self, context: str, sigmas: list[float] | None, full_steps: list[int]
+    ) -> FullStepCorrector | None:
+        """The predictor's learned correction (a `correction` given here replaces it)."""
+        if self.correction or not (self.learned_correction and self.predictor.config.correction):
+            return super().make_corrector(context, sigmas, full_steps)
+        strength = self.predictor.correction
+        if self.differentiable:  # the learned strengths get gradients through the correction
+            return FullStepCorrector(lambda step: strength[step], sigmas, full_steps, keep_graph=True)
+        values = strength.detach().tolist()
+        return FullStepCorrector(lambda step: values[step], sigmas, full_steps)
 
     def check_model(self, model_class: str) -> None:
         trained = self.predictor.config.model_class

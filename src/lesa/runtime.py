@@ -24,6 +24,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .adapters import ModelAdapter, get_adapter
 from .config import CacheConfig
+from .correction import FullStepCorrector
 from .policies import Policy
 
 ROOT_HOOK = "lesa_runtime"
@@ -68,6 +69,7 @@ class ContextState(BaseState):
 
     def __init__(self) -> None:
         self.policy: Policy | None = None
+        self.corrector: FullStepCorrector | None = None
         self.step = 0  # index of the next call
         self.num_steps: int | None = None  # steps of the generation in progress, when the scheduler tells
         self.last_sigma: float | None = None
@@ -82,7 +84,7 @@ class ContextState(BaseState):
         self.trunk_input: torch.Tensor | None = None  # the first trunk block's hidden_states (residual mode)
 
     def reset(self) -> None:
-        self.policy = None
+        self.policy, self.corrector = None, None
         self.step, self.last_sigma, self.last_full = 0, None, None
 
 
@@ -100,6 +102,10 @@ class CacheRuntime:
         if config.adaptive and self.adapter.modulation is None:
             raise ValueError(
                 f"{config.name} needs a modulation probe, which the {self.adapter.model_class} adapter lacks"
+            )
+        if config.correction and config.adaptive:
+            raise ValueError(
+                f"{config.name} decides its full steps as it goes: a full-step correction needs a fixed schedule"
             )
         if config.residual and not self.adapter.residual_stream:
             raise ValueError(
@@ -134,6 +140,10 @@ class CacheRuntime:
         state.policy = self.config.make_policy(name)
         state.policy.begin(sigmas)
         state.num_steps = len(sigmas) - 1 if sigmas is not None else None
+        if not self.config.adaptive:
+            # without the sigma schedule the run's length is unknown: enough full steps for any run up to 1000 steps
+            full = self.schedule.full_steps(state.num_steps or 1000)
+            state.corrector = self.config.make_corrector(name, None if sigmas is None else sigmas.tolist(), full)
         state.step, state.last_sigma, state.last_full = 0, None, None
 
     def begin_call(self, args: tuple, kwargs: dict, dtype: torch.dtype | None = None) -> tuple[str, ContextState]:
@@ -222,6 +232,16 @@ def _first_tensor(output: Any) -> torch.Tensor:
     return output[0]
 
 
+def _with_first_tensor(output: Any, tensor: torch.Tensor) -> Any:
+    """`output` (a tensor, a diffusers output with `.sample`, or a tuple) with its first tensor replaced."""
+    if isinstance(output, torch.Tensor):
+        return tensor
+    if hasattr(output, "sample"):
+        output.sample = tensor
+        return output
+    return (tensor, *output[1:])
+
+
 class RootHook(ModelHook):
     """On the transformer: step and sigma tracking, FLOPs counting, observers."""
 
@@ -252,6 +272,11 @@ class RootHook(ModelHook):
                 rt.call_flops.setdefault((state.full, shape), flops)
             else:
                 output = self.fn_ref.original_forward(*args, **kwargs)
+            corrector = state.corrector
+            if corrector is not None and state.full:
+                output = _with_first_tensor(output, corrector.full(state.current_step, _first_tensor(output)))
+            elif corrector is not None:
+                corrector.cached(state.current_step, _first_tensor(output))
             rt.end_call(name, state)
             if rt.observers:
                 event = StepEvent(

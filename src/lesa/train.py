@@ -34,6 +34,7 @@ from . import disable, distributed, enable
 from .adapters import get_adapter
 from .calibrate import fit_damping, fit_linear, forecast_errors, refine_schedule, search_schedule
 from .config import CacheConfig, FORAConfig, LESAConfig, LinearForecastConfig, TaylorSeerConfig
+from .correction import DEFAULT_CYCLES, DEFAULT_STRENGTH, first_cycles
 from .io import atomic_path, atomic_write_text
 from .predictor import LESAPredictor, PredictorConfig
 from .record import Recording, call_kwargs, pipeline_output
@@ -56,8 +57,8 @@ SEARCH_TRAJECTORIES = 40  # training trajectories a schedule plan or search read
 # Named settings of `lesa train --recipe` (explicit options override them). "paper" is the faithful reproduction of
 # arXiv 2602.20497: TrainConfig's own defaults. "calibrated" starts from the better of reuse and damped TaylorSeer
 # O1 on a memory of full-step features, trains against the errors of the final latent and of the latents closing the
-# first two cache cycles, back-propagated through the sampler, and keeps the placement of the full steps whose
-# trained predictor scores best (BENCHMARKS.md).
+# first two cache cycles, back-propagated through the sampler, learns a full-step correction (`lesa.correction`) with
+# its forecasts, and keeps the placement of the full steps whose trained predictor scores best (BENCHMARKS.md).
 RECIPES: dict[str, dict[str, Any]] = {
     "paper": {},
     "calibrated": dict(
@@ -71,6 +72,7 @@ RECIPES: dict[str, dict[str, Any]] = {
         lr_clar=1e-4,
         history_grad=True,
         loss_cycles=2,
+        correction=True,
         windows=(3, 3, 3),
         history=3,
     ),
@@ -120,6 +122,13 @@ class TrainConfig:
     # latent entering the full step that closes it) against the recorded latents, weighted like the final one: more
     # weight on the early cycles, where a forecast error decides which image the sampler settles on
     loss_cycles: int = 0
+    # loss "final": learn a full-step correction (`lesa.correction`) with the forecasts, one strength per full step,
+    # started at `correction_start` on the first `correction_cycles` cycles after the warm-up (0 later), at its own
+    # learning rate (cosine to lr_min as the others)
+    correction: bool = False
+    correction_start: float = DEFAULT_STRENGTH
+    correction_cycles: int = DEFAULT_CYCLES
+    lr_correction: float = 1e-2
     select: str = "mse"  # held-out score that picks the kept checkpoint: final-latent "mse" or "psnr"
     # where the interval's budget of full steps goes: "uniform" (every N steps), "plan" (also a placement by dynamic
     # programming on the teacher-forced error; a predictor is trained on each and the better on the held-out split
@@ -147,6 +156,13 @@ class TrainConfig:
             raise ValueError(f"anchor must be >= 0, got {self.anchor}")
         if self.loss_cycles < 0 or (self.loss_cycles and self.loss != "final"):
             raise ValueError(f"loss_cycles must be >= 0 and needs loss 'final', got {self.loss_cycles} / {self.loss!r}")
+        if self.correction and self.loss != "final":
+            raise ValueError(f"a learned correction trains on the final latent: needs loss 'final', got {self.loss!r}")
+        if self.correction_cycles < 0 or self.lr_correction <= 0:
+            raise ValueError(
+                f"correction_cycles must be >= 0 and lr_correction > 0, got {self.correction_cycles} / "
+                f"{self.lr_correction}"
+            )
 
     def fingerprint(self) -> dict[str, Any]:
         """What a checkpoint must share with the run that resumes it."""
@@ -163,8 +179,10 @@ class TrainConfig:
         settings = {**RECIPES[recipe], **overrides}
         if "windows" in overrides and "history" not in overrides:  # the history is as long as the largest window
             settings["history"] = max(settings["windows"])
-        if settings.get("loss", "step") != "final" and "loss_cycles" not in overrides:  # a term of loss "final"
-            settings.pop("loss_cycles", None)
+        if settings.get("loss", "step") != "final":  # terms of loss "final"
+            for name in ("loss_cycles", "correction"):
+                if name not in overrides:
+                    settings.pop(name, None)
         return cls(**settings)
 
     def better(self, a: dict[str, float], b: dict[str, float]) -> bool:
@@ -296,9 +314,14 @@ class Trainer:
             memory=self.cfg.memory,
             gain_bias=self.damping if self.start in ("damped", "linear") else 0.0,
             step_filters=self.cfg.step_filters,
+            correction=self.cfg.correction,
             base_model=self.settings["model"],
         )
         predictor = LESAPredictor(config)
+        if self.cfg.correction:
+            with torch.no_grad():
+                for step, strength in self.start_correction().items():
+                    predictor.correction[step] = strength
         if self.start != "zero":  # exactly reuse / damped TaylorSeer O1 until trained
             for experts in predictor.experts.values():
                 for expert in experts:
@@ -316,16 +339,27 @@ class Trainer:
         if self.cfg.gain_init != "best":
             return self.cfg.gain_init
         scores = {
-            "reuse": self.baseline_error(FORAConfig(**self._schedule_kwargs()))["psnr"],
-            "damped": self._damped_score(),
+            "reuse": self.baseline_error(FORAConfig(**self._schedule_kwargs(), correction=self.start_correction()))[
+                "psnr"
+            ],
+            "damped": self._damped_score(correction=self.start_correction()),
         }
         if self.cfg.step_filters:
             history = min(self.cfg.history, max(self.windows))
-            linear = LinearForecastConfig(weights=self.linear_weights(history), **self._schedule_kwargs())
+            linear = LinearForecastConfig(
+                weights=self.linear_weights(history), **self._schedule_kwargs(), correction=self.start_correction()
+            )
             scores["linear"] = self.baseline_error(linear)["psnr"]
         start = max(scores, key=scores.get)
         self.log(f"start: {start} (held-out PSNR " + ", ".join(f"{k} {v:.2f}" for k, v in scores.items()) + " dB)")
         return start
+
+    def start_correction(self) -> dict[int, float]:
+        """The correction a predictor starts from on the current schedule (`correction.first_cycles`); {} when off."""
+        if not self.cfg.correction:
+            return {}
+        full = self.schedule.full_steps(self.num_steps)
+        return first_cycles(full, self.cfg.warmup, self.cfg.correction_start, self.cfg.correction_cycles)
 
     @torch.no_grad()
     def _start_at_linear(self, predictor: LESAPredictor) -> None:
@@ -444,9 +478,10 @@ class Trainer:
         s = self.schedule if full is None else self._explicit(full)
         return dict(interval=s.interval, warmup=s.warmup, explicit_full_steps=s.explicit, count_flops=False)
 
-    def _damped_score(self) -> float:
-        """Held-out PSNR of damped TaylorSeer O1 (g fitted on the training split) on the current schedule."""
-        config = TaylorSeerConfig(order=1, damping=self.damping, **self._schedule_kwargs())
+    def _damped_score(self, correction: dict[int, float] | None = None) -> float:
+        """Held-out PSNR of damped TaylorSeer O1 (g fitted on the training split) on the current schedule, with
+        `correction` if given."""
+        config = TaylorSeerConfig(order=1, damping=self.damping, **self._schedule_kwargs(), correction=correction or {})
         return self.baseline_error(config)["psnr"]
 
     @functools.cached_property
@@ -487,7 +522,7 @@ class Trainer:
                 optimizer.zero_grad(set_to_none=True)
             return value
         for group in optimizer.param_groups:
-            group["lr"] = cosine_lr(peak, self.cfg.lr_min, state["t"], total)
+            group["lr"] = cosine_lr(group.get("peak", peak), self.cfg.lr_min, state["t"], total)
         if loss_sum is not None:
             (loss_sum * scale).backward()
         if not ddp:
@@ -500,6 +535,15 @@ class Trainer:
                     p.lerp_(start, min(1.0, optimizer.param_groups[0]["lr"] * self.cfg.anchor))
         state["t"] += 1
         return value
+
+    def _param_groups(self, predictor: LESAPredictor, peak: float) -> list[dict[str, Any]]:
+        """The optimiser's parameter groups: the learned correction (if any) at its own peak learning rate."""
+        correction = [predictor.correction] if predictor.config.correction else []
+        rest = [p for p in predictor.parameters() if all(p is not c for c in correction)]
+        groups: list[dict[str, Any]] = [{"params": rest, "lr": peak}]
+        if correction:
+            groups.append({"params": correction, "lr": self.cfg.lr_correction, "peak": self.cfg.lr_correction})
+        return groups
 
     def _share(self, batch: list[int]) -> list[int]:
         """This rank's part of a minibatch (the whole minibatch in one process)."""
@@ -707,7 +751,8 @@ class Trainer:
         recording, its final latent and the latent entering each of `steps` (fp32, on the CPU)."""
         enable(self.pipe, config)
         try:
-            for batch in self._batches(indices, 0):
+            size = self.cfg.batch_size
+            for batch in (indices[i : i + size] for i in range(0, len(indices), size)):  # in order, unshuffled
                 data = [self.rec.load(i) for i in batch]
                 with self.latents_at(steps, len(batch)) as latents:
                     final = self._run(batch, data).float().cpu()
@@ -790,7 +835,7 @@ class Trainer:
                 continue
             # a fresh optimizer and learning-rate schedule for every phase (never the previous phase's)
             decay = 0.0 if self.cfg.anchor else self.cfg.weight_decay  # the anchor replaces the decay toward zero
-            optimizer = torch.optim.AdamW(predictor.parameters(), lr=peaks[phase], weight_decay=decay)
+            optimizer = torch.optim.AdamW(self._param_groups(predictor, peaks[phase]), weight_decay=decay)
             total = epochs[phase] * self._updates_per_epoch(phase)
             state, start = {"t": 0, **anchor}, 1
             if resuming:
@@ -901,6 +946,15 @@ class Trainer:
             baselines[f"TaylorSeer O1 damped (g {g:.3f}), uniform schedule"] = self.baseline_error(damped)
         linear = LinearForecastConfig(weights=self.linear_weights(3), **sched)
         baselines["least-squares linear (3 full steps)"] = self.baseline_error(linear)
+        start = self.start_correction()
+        if start:  # the fixed forecasters with the correction this predictor started from
+            strength = f"strength {self.cfg.correction_start:.3g} at {sorted(start)}"
+            baselines[f"FORA + correction ({strength})"] = self.baseline_error(FORAConfig(**sched, correction=start))
+            damped = TaylorSeerConfig(order=1, damping=self.damping, **sched, correction=start)
+            baselines[f"TaylorSeer O1 damped + correction ({strength})"] = self.baseline_error(damped)
+            baselines["LESA without its correction"] = self.closed_loop_error(
+                LESAConfig(predictor=predictor, count_flops=False, learned_correction=False)
+            )
         baselines["LESA (this predictor)"] = self.score(predictor)
         summary = {
             "best_seed": best_seed,
@@ -1015,6 +1069,15 @@ def model_card(predictor: LESAPredictor, summary: dict, rec: Recording) -> str:
     decay = any(cfg[f"lr_{phase}"] != cfg["lr_min"] for phase in cfg["phases"])
     phases += f" (cosine to {cfg['lr_min']})" if decay else " (constant)"
     memory = "the last K full-step features" if pc.memory == "full" else "the last K features"
+    correction = ""
+    if pc.correction:
+        strengths = predictor.correction.detach().tolist()
+        learned = ", ".join(f"{s}: {strengths[s]:.3f}" for s in schedule.full_steps(pc.num_steps) if s > pc.warmup)
+        correction = (
+            f"\n- Full-step correction (`lesa.correction`), learned with the forecasts from strength "
+            f"{cfg.get('correction_start', 0):.3g} on the first {cfg.get('correction_cycles')} cycles at lr "
+            f"{cfg.get('lr_correction')}; strength per full step: {learned}"
+        )
     start = {
         "reuse": "started at reuse (FORA)",
         "damped": "started at damped TaylorSeer O1",
@@ -1033,7 +1096,7 @@ skipped and this predictor forecasts the tapped feature ({pc.tap}).
 - Schedule: {pc.num_steps} steps, interval N = {pc.interval}, warm-up E = {pc.warmup}: {full} full steps
   ({pc.num_steps / full:.2f}x fewer trunk executions){placed}
 - Stages: thresholds {pc.thresholds} on sigma, windows K = {pc.windows}, history {pc.history}, contexts {pc.contexts}
-- Memory: {pc.memory} ({memory}); gain offset {pc.gain_bias:.4f} ({start})
+- Memory: {pc.memory} ({memory}); gain offset {pc.gain_bias:.4f} ({start}){correction}
 - Parameters: {predictor.num_parameters():,}
 - Training data: {summary["train_trajectories"]} training and {summary["val_trajectories"]} held-out trajectories
   from `{rec.dir}` ({len(rec)} prompts recorded at {size})

@@ -19,6 +19,7 @@ import lesa
 
 from ..calibrate import fit_damping, fit_linear, fit_polynomial, search_threshold
 from ..config import LinearForecastConfig, TeaCacheConfig
+from ..correction import DEFAULT_CYCLES, DEFAULT_STRENGTH, first_cycles
 from ..predictor import LESAPredictor
 from ..record import Recording
 from ..schedule import StepSchedule
@@ -30,12 +31,14 @@ FAMILIES: tuple[str, ...] = (
     "taylorseer-o2",
     "taylorseer-damped",
     "linear",
+    "fora-corrected",
+    "taylorseer-damped-corrected",
     "teacache",
     "diffusers-taylorseer",
     "diffusers-fbcache",
     "diffusers-magcache",
 )
-NEEDS_FIT_DATA = ("taylorseer-damped", "linear")
+NEEDS_FIT_DATA = ("taylorseer-damped", "linear", "taylorseer-damped-corrected")
 SEARCHED = ("teacache", "diffusers-fbcache", "diffusers-magcache")
 # methods that only match a budget's count of full steps, not where they lie: run once per budget
 SAME_ON_ANY_PLACEMENT = (*SEARCHED, "diffusers-taylorseer")
@@ -91,10 +94,28 @@ def _diffusers(config_factory: Callable[[], Any]) -> tuple[Callable, Callable]:
     )
 
 
-def fixed_methods(family: str, budget: Budget, fit: Recording | None, fit_indices: list[int] | None) -> list[Method]:
-    """Rows whose schedule is LESA's own (all but the learned and the searched ones)."""
+def fixed_methods(
+    family: str,
+    budget: Budget,
+    fit: Recording | None,
+    fit_indices: list[int] | None,
+    correction: dict[int, float] | None = None,
+) -> list[Method]:
+    """Rows whose schedule is LESA's own (all but the learned and the searched ones); "X-corrected": X with the
+    full-step correction a learned one starts from (`correction.first_cycles` at the default strength)."""
+    if family.endswith("-corrected"):
+        full = budget.schedule.full_steps(budget.steps)
+        strengths = first_cycles(full, budget.warmup, DEFAULT_STRENGTH, DEFAULT_CYCLES)
+        methods = fixed_methods(family.removesuffix("-corrected"), budget, fit, fit_indices, correction=strengths)
+        for method in methods:
+            method.family = family
+            method.fitted["correction"] = {str(k): v for k, v in strengths.items()}
+        return methods
     sched = dict(interval=budget.interval, warmup=budget.warmup, explicit_full_steps=budget.explicit, count_flops=False)
     n = budget.name
+    if correction:
+        sched["correction"] = correction
+        n = f"+ correction {n}"
     if family == "fora":
         return [Method(f"FORA {n}", family, budget, *_ours(lesa.FORAConfig(**sched)))]
     if family in ("taylorseer-o1", "taylorseer-o2"):

@@ -54,6 +54,9 @@ class PredictorConfig:
     # a seed ensemble: `members` sets of stage experts (and step filters) whose folded coefficients are averaged, so
     # it forecasts at the cost of one predictor (`LESAPredictor.ensemble`)
     members: int = 1
+    # a learned full-step correction (`lesa.correction`): one strength per step (used at the full steps), saved as
+    # the tensor `correction`; in an ensemble the mean of the members'
+    correction: bool = False
     base_model: str = ""
     format_version: int = FORMAT_VERSION
 
@@ -148,6 +151,8 @@ class LESAPredictor(nn.Module):
                 )
                 for _ in range(config.members - 1)
             )
+        if config.correction:
+            self.correction = nn.Parameter(torch.zeros(config.num_steps))
         self.full_steps = config.schedule().full_steps(config.num_steps)
 
     # -- routing and coefficients -------------------------------------------------------------------------------
@@ -321,6 +326,10 @@ class LESAPredictor(nn.Module):
             into_experts.load_state_dict(experts.state_dict())
             if filters is not None:
                 into_filters.load_state_dict(filters.state_dict())
+        if model.config.correction:
+            with torch.no_grad():  # each predictor weighs by its members (an ensemble of ensembles stays a mean)
+                total = sum(p.correction * p.config.members for p in predictors)
+                model.correction.copy_(total / model.config.members)
         return model.eval()
 
     def num_parameters(self) -> int:
