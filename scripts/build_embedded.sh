@@ -17,8 +17,9 @@ lesa record --model embedded --prompts src/lesa/embedded/prompts/predictor_train
 # 3. one predictor per schedule (50 steps, E = 3): N = 7 -> 10 full steps (5.00x), N = 10 -> 8 full steps (6.25x),
 #    with lesa train's default `calibrated` recipe: its schedule plan trains seed 0 on the uniform placement and on
 #    one found by dynamic programming, each started at the better of reuse and damped TaylorSeer O1 there, and keeps
-#    the better trained predictor (uniform at N = 7, 0-3, 8, 17, 28, 39 at N = 10); 10-20 min each on one thread.
-#    Its loss also scores the latents closing the first two cache cycles: step 2's per-step latents.
+#    the better trained predictor (uniform at both N since the learned full-step correction joined the recipe on
+#    2026-12-03); 10-20 min each on one thread. Its loss also scores the latents closing the first two cache cycles:
+#    step 2's per-step latents.
 #    Seed 0 is the default predictor, seed 1 (trained on seed 0's placement) the bench's second seed.
 for n in 7 10; do
   for seed in 0 1; do
