@@ -100,13 +100,17 @@ def main() -> None:
         interval=schedule.interval, warmup=schedule.warmup, explicit_full_steps=schedule.explicit, count_flops=False
     )
 
+    damping = None
+    if args.method == "damped":  # fitted once, on the fitting recording's training split
+        fit = Recording(args.fit_data)
+        train, _ = split_indices(len(fit), 0.2, [e["prompt"] for e in fit.entries])
+        damping = fit_damping(fit, schedule, train)
+
     def config(correction: dict[int, float]):
         if args.method == "fora":
             return FORAConfig(**kw, correction=correction)
         if args.method == "damped":
-            fit = Recording(args.fit_data)
-            train, _ = split_indices(len(fit), 0.2, [e["prompt"] for e in fit.entries])
-            return TaylorSeerConfig(order=1, damping=fit_damping(fit, schedule, train), **kw, correction=correction)
+            return TaylorSeerConfig(order=1, damping=damping, **kw, correction=correction)
         return LESAConfig(predictor=predictor, count_flops=False, learned_correction=False, correction=correction)
 
     print(f"{args.method} on {len(indices)} trajectories of {args.data}, full steps {schedule.full_steps(50)}")

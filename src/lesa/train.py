@@ -560,9 +560,11 @@ class Trainer:
             return torch.zeros((steps, 0, *shape), device=self.device)
         return torch.stack([d[key] for d in data], 1).to(self.device, torch.float32)
 
-    def _batches(self, indices: list[int], seed: int) -> list[list[int]]:
+    def _batches(self, indices: list[int], seed: int | None = None) -> list[list[int]]:
+        """Minibatches of `indices`, shuffled by `seed` (None: in order)."""
         order = list(indices)
-        random.Random(seed).shuffle(order)
+        if seed is not None:
+            random.Random(seed).shuffle(order)
         b = self.cfg.batch_size
         return [order[i : i + b] for i in range(0, len(order), b)]
 
@@ -751,8 +753,7 @@ class Trainer:
         recording, its final latent and the latent entering each of `steps` (fp32, on the CPU)."""
         enable(self.pipe, config)
         try:
-            size = self.cfg.batch_size
-            for batch in (indices[i : i + size] for i in range(0, len(indices), size)):  # in order, unshuffled
+            for batch in self._batches(indices):
                 data = [self.rec.load(i) for i in batch]
                 with self.latents_at(steps, len(batch)) as latents:
                     final = self._run(batch, data).float().cpu()
