@@ -40,7 +40,7 @@ done
 
 # 3b. the selection between recipes, in image space and never on the evaluation prompts: each of the 20 held-out
 #     scenes of lesa train's split, captioned afresh 10 times (seed i for line i), benched like the evaluation
-#     prompts (BENCHMARKS.md "Selection on validation prompts"; about 25 min for both seeds of two variants)
+#     prompts (BENCHMARKS.md "Selection on validation prompts"; 1,400 images, about 25 min on one thread)
 python benchmarks/validation_prompts.py --out runs/val_prompts.txt
 lesa bench --model embedded --prompts runs/val_prompts.txt --out runs/val-n10 --predictor runs/pred-n10 \
   --predictor runs/pred-n10-seed1 --methods lesa,fora-corrected,taylorseer-damped-corrected --fit-data runs/rec-embedded \
