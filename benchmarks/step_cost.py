@@ -53,7 +53,10 @@ def main() -> None:
     for directory in args.predictor:
         predictor = LESAPredictor.from_pretrained(directory)
         if (predictor.config.interval, predictor.config.warmup) != (args.interval, args.warmup):
-            parser.error(f"{directory} is for N={predictor.config.interval}, E={predictor.config.warmup}")
+            c = predictor.config
+            parser.error(
+                f"{directory} is for N={c.interval}, E={c.warmup}: pass --interval {c.interval} --warmup {c.warmup}"
+            )
         trained[f"lesa ({predictor.config.memory} memory, K={max(predictor.config.windows)})"] = lesa.LESAConfig(
             predictor=predictor
         )
