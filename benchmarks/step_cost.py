@@ -52,14 +52,12 @@ def main() -> None:
     trained = {}
     for directory in args.predictor:
         predictor = LESAPredictor.from_pretrained(directory)
-        if (predictor.config.interval, predictor.config.warmup) != (args.interval, args.warmup):
-            c = predictor.config
+        c = predictor.config
+        if (c.interval, c.warmup) != (args.interval, args.warmup):
             parser.error(
                 f"{directory} is for N={c.interval}, E={c.warmup}: pass --interval {c.interval} --warmup {c.warmup}"
             )
-        trained[f"lesa ({predictor.config.memory} memory, K={max(predictor.config.windows)})"] = lesa.LESAConfig(
-            predictor=predictor
-        )
+        trained[f"lesa ({c.memory} memory, K={max(c.windows)})"] = lesa.LESAConfig(predictor=predictor)
     methods = {
         "none": lesa.NoCacheConfig(),
         "fora": lesa.FORAConfig(**sched),

@@ -12,12 +12,12 @@ scenes, the way it scores them on the evaluation prompts, without looking at the
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import numpy as np
 
 from lesa.embedded import scenes
 from lesa.io import atomic_write_text
+from lesa.record import read_prompts
 from lesa.train import split_indices
 
 
@@ -45,9 +45,8 @@ def main() -> None:
     parser.add_argument("--val-fraction", type=float, default=0.2, help="as given to `lesa train`")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
-    prompts = [line.strip() for line in Path(args.prompts).read_text(encoding="utf-8").splitlines() if line.strip()]
-    lines = validation_prompts(prompts, args.per_prompt, args.val_fraction)
-    atomic_write_text(Path(args.out), "".join(f"{line}\n" for line in lines))
+    lines = validation_prompts(read_prompts(args.prompts), args.per_prompt, args.val_fraction)
+    atomic_write_text(args.out, "".join(f"{line}\n" for line in lines))
     print(f"wrote {len(lines)} prompts ({len(lines) // args.per_prompt} held-out scenes) to {args.out}")
 
 
