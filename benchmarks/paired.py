@@ -18,13 +18,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 from pathlib import Path
 from statistics import median
 
 from lesa.evaluate.bench import mean_se
-
-SEED_SUFFIX = re.compile(r"[-_](?:s|seed)\d+$")
+from lesa.evaluate.methods import SEED_SUFFIX
 
 
 def variant(predictor: str | None) -> str:

@@ -166,3 +166,18 @@ def test_bench_runs_baselines_on_a_predictors_placement_without_its_rows(tmp_pat
     assert set(rows) == {"full compute", "FORA N=7 searched", "FORA N=7"}
     assert rows["FORA N=7 searched"]["trunk_executions"] == pytest.approx(4 + 5)
     assert rows["FORA N=7"]["trunk_executions"] == pytest.approx(10)
+
+
+def test_predictors_of_one_schedule_are_seeds_of_a_row_by_directory_name(tmp_path):
+    """Predictors "x" and "x-seed1" are two seeds of one row; a third one, "y", of the same schedule gets a row of
+    its own, and a schedule with one name keeps the plain row name."""
+    from conftest import tiny_predictor
+
+    from lesa.evaluate.methods import lesa_methods
+
+    for name in ("x", "x-seed1", "y"):
+        tiny_predictor(interval=7).save_pretrained(tmp_path / name)
+    tiny_predictor(interval=5).save_pretrained(tmp_path / "z")
+    grouped = lesa_methods([str(tmp_path / n) for n in ("x", "x-seed1", "y", "z")], 20)
+    rows = {key: [m.row for m in methods] for key, methods in grouped.items()}
+    assert rows == {(7, 3, ()): ["LESA N=7 (x)", "LESA N=7 (x)", "LESA N=7 (y)"], (5, 3, ()): ["LESA N=5"]}

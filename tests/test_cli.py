@@ -119,6 +119,12 @@ def test_train_options_override_the_recipe():
     assert (config("--loss", "cycle").loss, config("--loss", "cycle").loss_cycles) == ("cycle", 0)
     with pytest.raises(ValueError, match="loss_cycles must be >= 0 and needs loss 'final'"):
         config("--loss", "cycle", "--loss-cycles", "2")
+    # the correction: chosen on validation by default, on / off when asked; --val-data trains on all by default
+    assert (default.correction, paper.correction) == ("auto", False)
+    assert config("--correction").correction is True and config("--correction", "on").correction is True
+    assert config("--no-correction").correction is False and config("--correction", "off").correction is False
+    assert (default.val_fraction, config("--val-data", "v").val_fraction) == (0.2, 0.0)
+    assert config("--val-data", "v", "--val-fraction", "0.2").val_fraction == 0.2
 
 
 def test_cli_errors_are_specific(tmp_path, capsys):

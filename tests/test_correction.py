@@ -118,7 +118,7 @@ def test_learned_correction_trains_saves_and_averages(pipe, recording, tmp_path)
     assert "TaylorSeer O1 damped + correction (strength 0.25" in card
 
 
-def test_the_calibrated_recipe_learns_a_correction():
-    assert TrainConfig.from_recipe("calibrated").correction
+def test_the_calibrated_recipe_chooses_the_correction():
+    assert TrainConfig.from_recipe("calibrated").correction == "auto"
     assert not TrainConfig.from_recipe("paper").correction
     assert not TrainConfig.from_recipe("calibrated", loss="step").correction  # a term of the final loss only

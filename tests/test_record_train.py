@@ -166,7 +166,8 @@ def test_training_writes_the_artefact_and_keeps_the_best_epoch(trained):
     predictor, trainer, out = trained
     assert {"config.json", "model.safetensors", "README.md", "training_log.json"} <= {p.name for p in out.iterdir()}
     card = (out / "README.md").read_text()
-    assert "| FORA |" in card and "| TaylorSeer O1 |" in card and "6 training and 2 held-out" in card
+    assert "| FORA |" in card and "| TaylorSeer O1 |" in card
+    assert "6 training trajectories" in card and "2 held-out trajectories" in card
     log = json.loads((out / "training_log.json").read_text())
     seed_log = log["seeds"]["0"]
     scores = [e["val"]["mse"] for e in seed_log["log"]]
@@ -318,7 +319,7 @@ def test_schedule_search_is_stored_in_the_artefact_and_run(pipe, recording, tmp_
     log = json.loads((out / "training_log.json").read_text())
     assert log["validation"]["LESA (this predictor)"]["psnr"] == pytest.approx(trained[saved["kept"]])
     card = (out / "README.md").read_text()
-    assert "trained on each candidate placement: uniform" in card
+    assert "predictors trained on each candidate: uniform" in card
     assert "plus that of the latent closing each of the first 1 cache cycles" in card
     assert predictor.full_steps == saved["full_steps"]
     assert predictor.config.explicit_full_steps == saved["full_steps"][4:]
@@ -349,6 +350,81 @@ def test_schedule_search_is_stored_in_the_artefact_and_run(pipe, recording, tmp_
 
     monkeypatch.setattr(train_module, "refine_schedule", no_search)
     assert Trainer(recording, pipe, out, config, **QUIET).run().full_steps == saved["full_steps"]
+
+
+@pytest.fixture(scope="module")
+def validation(pipe, tmp_path_factory) -> Recording:
+    """A recording of three other prompts with the settings of the `recording` fixture."""
+    out = tmp_path_factory.mktemp("validation")
+    prompts = [f"a validation prompt number {i}" for i in range(3)]
+    record(pipe, prompts, out, model="tiny", steps=STEPS, height=SIZE, width=SIZE, dtype="float32", **QUIET)
+    return Recording(out)
+
+
+def test_a_validation_recording_replaces_the_held_out_split(pipe, recording, validation, tmp_path):
+    """With a validation recording every trajectory of the training recording is trained on (val_fraction 0) or all
+    but its split; the held-out trajectories, scored exactly as a trainer on that recording alone scores them, are the
+    validation recording's, and the artefact names it. A validation recording of other settings or of a prompt that
+    is trained on is refused, naming the field or the prompt."""
+    from lesa.config import FORAConfig
+    from lesa.train import check_validation_recording, split_indices
+
+    config = TrainConfig(**{**QUICK_CALIBRATED, "val_fraction": 0.0}, epochs_clar=1)
+    with pytest.raises(ValueError, match="val_fraction 0 holds nothing out"):
+        Trainer(recording, pipe, tmp_path / "none", config, **QUIET)
+    trainer = Trainer(recording, pipe, tmp_path / "p", config, validation=validation, **QUIET)
+    n = len(recording)
+    assert trainer.train_idx == list(range(n)) and trainer.val_idx == [n, n + 1, n + 2]
+    assert trainer._prompt(n + 1) == validation.entries[1]["prompt"]
+    assert torch.equal(trainer._load(n + 2)["final"], validation.load(2)["final"])
+    fora = FORAConfig(interval=7, warmup=3, count_flops=False)
+    alone = Trainer(validation, pipe, tmp_path / "unused", TrainConfig(**QUICK_CALIBRATED), **QUIET)
+    assert trainer.closed_loop_error(fora) == alone.closed_loop_error(fora, [0, 1, 2])
+    trainer.run()
+    log = json.loads((tmp_path / "p" / "training_log.json").read_text())
+    assert log["train_trajectories"] == n and log["val_trajectories"] == 3
+    assert log["validation_recording"] == str(validation.dir)
+    assert f"3 held-out trajectories from `{validation.dir}`" in (tmp_path / "p" / "README.md").read_text()
+    # a val_fraction leaves the recording's own split out of training
+    split = Trainer(recording, pipe, tmp_path / "q", TrainConfig(**QUICK_CALIBRATED), validation=validation, **QUIET)
+    assert split.train_idx == split_indices(n, 0.25, PROMPTS)[0] and split.val_idx == [n, n + 1, n + 2]
+
+    other = Recording(validation.dir)
+    other.settings = {**other.settings, "steps": 20}
+    with pytest.raises(ValueError, match=r"settings field 'steps' is 20, the training recording's is 50"):
+        check_validation_recording(recording, other)
+    other = Recording(validation.dir)
+    other.entries = [{**e, "prompt": PROMPTS[3]} for e in other.entries]
+    with pytest.raises(ValueError, match="also in the training recording, e.g. 'a test prompt number 3'"):
+        Trainer(recording, pipe, tmp_path / "r", config, validation=other, **QUIET)
+
+
+def test_correction_auto_trains_both_and_keeps_the_better(pipe, recording, validation, tmp_path, monkeypatch):
+    """Correction "auto" trains each placement with and without the learned correction, keeps the best of the four
+    on validation, and stores the choice with the placement: another seed trains only that variant."""
+    import lesa.train as train_module
+
+    monkeypatch.setattr(train_module, "SEARCH_TRAJECTORIES", 3)
+    config = TrainConfig(**QUICK_CALIBRATED, interval=20, epochs_clar=1, schedule="plan", correction="auto")
+    out = tmp_path / "p"
+    predictor = Trainer(recording, pipe, out, config, validation=validation, **QUIET).run()
+    saved = json.loads((out / "schedule.json").read_text())
+    trained = saved["trained_held_out_psnr"]
+    placements = [name for name in saved["held_out_psnr"] if name == "uniform" or saved[name] != saved["uniform"]]
+    assert set(trained) == {f"{p}, {c} correction" for p in placements for c in ("with", "no")}
+    assert {p.name for p in (out / "checkpoints").iterdir()} == {
+        f"{name.replace(',', '').replace(' ', '-')}-seed0.pt" for name in trained
+    }
+    best = max(trained, key=trained.get)
+    assert saved["kept"] == best.split(",")[0] and saved["correction"] == ("with" in best)
+    assert predictor.config.correction == saved["correction"] and predictor.full_steps == saved["full_steps"]
+    log = json.loads((out / "training_log.json").read_text())
+    assert log["validation"]["LESA (this predictor)"]["psnr"] == pytest.approx(trained[best])
+    assert log["config"]["correction"] == saved["correction"]
+    assert "predictors trained on each candidate: uniform, with correction" in (out / "README.md").read_text()
+
+    seed1 = Trainer(recording, pipe, out, dataclasses.replace(config, seed=1), validation=validation, **QUIET)
+    assert seed1.variants() == [(best, saved["kept"], saved["full_steps"], saved["correction"])]
 
 
 def test_linear_start_is_exactly_the_least_squares_forecaster(pipe, recording, tmp_path):

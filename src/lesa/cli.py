@@ -90,7 +90,20 @@ def _parser() -> argparse.ArgumentParser:
     )
     tr.add_argument("--lr-min", type=float, default=1e-4)
     tr.add_argument("--batch-size", type=int, default=8, help="trajectories per minibatch")
-    tr.add_argument("--val-fraction", type=float, default=0.2)
+    tr.add_argument(
+        "--val-fraction",
+        type=float,
+        default=None,
+        help="share of the recorded prompts held out of training (default 0.2; with --val-data 0, and that split is "
+        "then left out of training without being scored)",
+    )
+    tr.add_argument(
+        "--val-data",
+        default=None,
+        help="a recording of other prompts (same settings) to validate on instead of a split of --data: "
+        "checkpoints, start, placement and correction are chosen on its trajectories (a few hundred give a "
+        "reliable choice; a few dozen did not, BENCHMARKS.md)",
+    )
     tr.add_argument("--seeds", type=int, default=1, help="train K seeds, keep the best on validation")
     tr.add_argument("--seed", type=int, default=0)
     _choice(tr, "target", "closed-loop loss on the tapped feature (paper) or on the transformer output")
@@ -133,11 +146,15 @@ def _parser() -> argparse.ArgumentParser:
     )
     tr.add_argument(
         "--correction",
-        action=argparse.BooleanOptionalAction,
+        nargs="?",
+        const="on",
+        choices=("on", "off", "auto"),
         default=None,
         help="loss final: learn a full-step correction with the forecasts (feeds each cache cycle's measured "
-        "forecast error back into the latent at the full step closing it; default: the recipe's, on in calibrated)",
+        "forecast error back into the latent at the full step closing it); auto: train with and without it and "
+        "keep the better on validation (default: the recipe's, auto in calibrated, off in paper)",
     )
+    tr.add_argument("--no-correction", dest="correction", action="store_const", const="off", help="--correction off")
     tr.add_argument(
         "--correction-start",
         type=float,
@@ -287,7 +304,7 @@ def _train_config(args):
         schedule=args.schedule,
         history_grad=args.history_grad,
         loss_cycles=args.loss_cycles,
-        correction=args.correction,
+        correction={"on": True, "off": False, None: None}.get(args.correction, args.correction),
         correction_start=args.correction_start,
         correction_cycles=args.correction_cycles,
         lr_correction=args.lr_correction,
@@ -299,7 +316,7 @@ def _train_config(args):
         lr_gt=args.lr_gt,
         lr_min=args.lr_min,
         batch_size=args.batch_size,
-        val_fraction=args.val_fraction,
+        val_fraction=args.val_fraction if args.val_fraction is not None else 0.0 if args.val_data else 0.2,
         seeds=args.seeds,
         seed=args.seed,
         thresholds=None if args.thresholds is None else _floats(args.thresholds, "thresholds"),
@@ -316,9 +333,12 @@ def _train(args) -> int:
     from .distributed import init_distributed
     from .models import load_pipeline
     from .record import Recording
-    from .train import Trainer
+    from .train import Trainer, check_validation_recording
 
     rec = Recording(args.data)
+    validation = None if args.val_data is None else Recording(args.val_data)
+    if validation is not None:
+        check_validation_recording(rec, validation)  # before the pipeline loads
     config = _train_config(args)
     model = args.model or rec.settings["model"]
     dist = init_distributed(args.device)  # under torchrun: join the group; alone: nothing happens
@@ -326,7 +346,7 @@ def _train(args) -> int:
     if args.restart and dist.is_main:  # only rank 0 reads checkpoints
         shutil.rmtree(Path(args.out) / "checkpoints", ignore_errors=True)
         (Path(args.out) / "schedule.json").unlink(missing_ok=True)
-    Trainer(rec, pipe, args.out, config).run()
+    Trainer(rec, pipe, args.out, config, validation=validation).run()
     return 0
 
 

@@ -22,7 +22,7 @@ import json
 import math
 import random
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -57,8 +57,9 @@ SEARCH_TRAJECTORIES = 40  # training trajectories a schedule plan or search read
 # Named settings of `lesa train --recipe` (explicit options override them). "paper" is the faithful reproduction of
 # arXiv 2602.20497: TrainConfig's own defaults. "calibrated" starts from the better of reuse and damped TaylorSeer
 # O1 on a memory of full-step features, trains against the errors of the final latent and of the latents closing the
-# first two cache cycles, back-propagated through the sampler, learns a full-step correction (`lesa.correction`) with
-# its forecasts, and keeps the placement of the full steps whose trained predictor scores best (BENCHMARKS.md).
+# first two cache cycles, back-propagated through the sampler, trains with and without a learned full-step
+# correction (`lesa.correction`) on the uniform and a planned placement of the full steps, and keeps the one of those
+# four whose trained predictor scores best on validation (BENCHMARKS.md; best with `--val-data`).
 RECIPES: dict[str, dict[str, Any]] = {
     "paper": {},
     "calibrated": dict(
@@ -72,7 +73,7 @@ RECIPES: dict[str, dict[str, Any]] = {
         lr_clar=1e-4,
         history_grad=True,
         loss_cycles=2,
-        correction=True,
+        correction="auto",
         windows=(3, 3, 3),
         history=3,
     ),
@@ -124,8 +125,8 @@ class TrainConfig:
     loss_cycles: int = 0
     # loss "final": learn a full-step correction (`lesa.correction`) with the forecasts, one strength per full step,
     # started at `correction_start` on the first `correction_cycles` cycles after the warm-up (0 later), at its own
-    # learning rate (cosine to lr_min as the others)
-    correction: bool = False
+    # learning rate (cosine to lr_min as the others); "auto": train with and without it, keep the better on validation
+    correction: bool | str = False
     correction_start: float = DEFAULT_STRENGTH
     correction_cycles: int = DEFAULT_CYCLES
     lr_correction: float = 1e-2
@@ -150,12 +151,14 @@ class TrainConfig:
                 f"gain_init {self.gain_init!r} / step_filters {self.step_filters} act on full-step features: "
                 "they need memory 'full'"
             )
-        if not 0 < self.val_fraction < 1:
-            raise ValueError(f"val_fraction must lie in (0, 1), got {self.val_fraction}")
+        if not 0 <= self.val_fraction < 1:  # 0: train on every trajectory (needs a validation recording)
+            raise ValueError(f"val_fraction must lie in [0, 1), got {self.val_fraction}")
         if self.anchor < 0:
             raise ValueError(f"anchor must be >= 0, got {self.anchor}")
         if self.loss_cycles < 0 or (self.loss_cycles and self.loss != "final"):
             raise ValueError(f"loss_cycles must be >= 0 and needs loss 'final', got {self.loss_cycles} / {self.loss!r}")
+        if self.correction not in (True, False, "auto"):
+            raise ValueError(f"correction must be true, false or 'auto', got {self.correction!r}")
         if self.correction and self.loss != "final":
             raise ValueError(f"a learned correction trains on the final latent: needs loss 'final', got {self.loss!r}")
         if self.correction_cycles < 0 or self.lr_correction <= 0:
@@ -215,6 +218,27 @@ def split_indices(n: int, val_fraction: float, groups: Sequence[str] | None = No
     return sorted(i for m in order[n_val:] for i in m), sorted(i for m in order[:n_val] for i in m)
 
 
+def check_validation_recording(train: Recording, val: Recording) -> None:
+    """Raise a ValueError unless `val` can validate predictors trained on `train`: the same model, sampler settings,
+    sigmas, contexts and tensor shapes, and none of `train`'s prompts (a prompt trained on would not be held out)."""
+    where = f"validation recording {val.dir} (for {train.dir})"
+    for key in sorted({*train.settings, *val.settings} - {"seed"}):  # the noise seed may differ
+        if train.settings.get(key) != val.settings.get(key):
+            raise ValueError(
+                f"{where}: settings field {key!r} is {val.settings.get(key)!r}, the training recording's is "
+                f"{train.settings.get(key)!r}; record the validation prompts with the same settings"
+            )
+    for name in ("sigmas", "contexts", "shapes"):
+        if getattr(train, name) != getattr(val, name):
+            raise ValueError(f"{where}: its {name} differ from the training recording's")
+    shared = sorted({e["prompt"] for e in train.entries} & {e["prompt"] for e in val.entries})
+    if shared:
+        raise ValueError(
+            f"{where}: {len(shared)} prompt(s) are also in the training recording, e.g. {shared[0]!r}; validation "
+            "needs prompts that are not trained on"
+        )
+
+
 def cosine_lr(peak: float, floor: float, t: int, total: int) -> float:
     if total <= 1:
         return peak
@@ -229,15 +253,29 @@ def latent_psnr(pred: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 class Trainer:
-    """Trains one or more seeds of a predictor on one recording, with checkpoints in `out/checkpoints`."""
+    """Trains one or more seeds of a predictor on one recording, with checkpoints in `out/checkpoints`.
+
+    Without `validation`, a fixed split of the recording's prompts is held out for validation (checkpoint, start,
+    placement and correction choices); with it, the trajectories of `validation` (a recording of other prompts with
+    the same settings) are the held-out ones and every trajectory of `recording` is trained on (config.val_fraction
+    0) or all but that split of it. Trajectory indices of `validation` follow those of `recording` (n, n + 1, ...)."""
 
     def __init__(
-        self, recording: Recording, pipe, out_dir: str | Path, config: TrainConfig, log=print, progress: bool = True
+        self,
+        recording: Recording,
+        pipe,
+        out_dir: str | Path,
+        config: TrainConfig,
+        log=print,
+        progress: bool = True,
+        validation: Recording | None = None,
     ) -> None:
         self.rec = recording
+        self.val_rec = validation
         self.pipe = pipe
         self.out = Path(out_dir)
-        self.cfg = config
+        self.base = config  # as given: its correction may be "auto"; self.cfg is the variant being trained
+        self.cfg = config if config.correction != "auto" else replace(config, correction=True)
         self.dist = distributed.current()
         self.log = log if self.dist.is_main else _quiet
         self.progress = progress and self.dist.is_main
@@ -261,7 +299,17 @@ class Trainer:
             )
         self.windows = tuple(min(k, reach) for k in config.windows)
         prompts = [entry["prompt"] for entry in recording.entries]
-        self.train_idx, self.val_idx = split_indices(len(recording), config.val_fraction, prompts)
+        if validation is None:
+            if config.val_fraction == 0:
+                raise ValueError("val_fraction 0 holds nothing out: give a validation recording (--val-data)")
+            self.train_idx, self.val_idx = split_indices(len(recording), config.val_fraction, prompts)
+        else:
+            check_validation_recording(recording, validation)
+            # a val_fraction still leaves that split of the recording out of training (e.g. when the validation
+            # prompts describe its scenes afresh); it is not scored either
+            train = split_indices(len(recording), config.val_fraction, prompts)[0] if config.val_fraction else None
+            self.train_idx = train if train is not None else list(range(len(recording)))
+            self.val_idx = list(range(len(recording), len(recording) + len(validation)))
         self.device = pipe.transformer.device
         self.dtype = pipe.transformer.dtype
         self.sigmas = torch.tensor(recording.sigmas, dtype=torch.float32)
@@ -288,6 +336,19 @@ class Trainer:
         trainer = cls(recording, pipe, "unused", config, log=_quiet, progress=False)
         trainer._use_schedule(predictor.schedule())
         return trainer
+
+    def _trajectory(self, i: int) -> tuple[Recording, int]:
+        """The recording holding trajectory `i` and its index there (validation trajectories follow the others)."""
+        n = len(self.rec)
+        return (self.rec, i) if i < n or self.val_rec is None else (self.val_rec, i - n)
+
+    def _load(self, i: int) -> dict[str, torch.Tensor]:
+        rec, j = self._trajectory(i)
+        return rec.load(j)
+
+    def _prompt(self, i: int) -> str:
+        rec, j = self._trajectory(i)
+        return rec.entries[j]["prompt"]
 
     # -- predictor ---------------------------------------------------------------------------------------------------
     def new_predictor(self, seed: int) -> LESAPredictor:
@@ -391,18 +452,41 @@ class Trainer:
         for fitted in ("damping", "start"):  # refit on the new schedule when next asked
             self.__dict__.pop(fitted, None)
 
-    def schedule_candidates(self) -> dict[str, list[int]]:
+    def variants(self) -> list[tuple[str, str, list[int], bool]]:
+        """What `run` trains a predictor on, as (name, placement, full steps, correction): the placements of
+        `schedule_candidates` (the uniform one alone with schedule "uniform"), each with and without the correction
+        when it is "auto" (only the kept one when an earlier run chose)."""
+        if self.base.schedule == "uniform":
+            placements = {"uniform": StepSchedule(self.cfg.interval, self.cfg.warmup).full_steps(self.num_steps)}
+            kept = None
+        else:
+            placements, kept = self.schedule_candidates()
+        if self.base.correction != "auto":
+            return [(name, name, full, self.base.correction) for name, full in placements.items()]
+        corrections = (True, False) if kept is None else (kept,)
+        return [
+            (f"{name}, {'with' if c else 'no'} correction", name, full, c)
+            for name, full in placements.items()
+            for c in corrections
+        ]
+
+    def _use_variant(self, full: list[int], correction: bool) -> None:
+        self.cfg = replace(self.base, correction=correction)
+        self.__dict__.pop("start", None)  # where a predictor starts depends on the correction too
+        self._use_schedule(self._explicit(full))
+
+    def schedule_candidates(self) -> tuple[dict[str, list[int]], bool | None]:
         """Schedule "plan" / "search": the placements to train on, by name: those of `search_full_steps` (uniform
-        included, duplicates dropped), or the one kept before. The search is saved to `out/schedule.json` and, once
-        `run` has trained on every candidate, the kept one with it; later runs of the same schedule settings (a
-        resumed run, another seed) read it instead of searching again."""
+        included, duplicates dropped), or the one kept before, and the correction kept before (None: none yet). The
+        search is saved to `out/schedule.json` and, once `run` has trained on every candidate, the kept one with it;
+        later runs of the same schedule settings (a resumed run, another seed) read it instead of searching again."""
         path = self.out / "schedule.json"
         key = self.schedule_settings()
         saved = distributed.on_main(lambda: json.loads(path.read_text()) if path.exists() else None)
         if saved is not None and saved.get("settings") == key and "full_steps" in saved:
             kept = saved.get("kept", "placed")
             self.log(f"schedule: {kept} {saved['full_steps']} (kept before, {path})")
-            return {kept: saved["full_steps"]}
+            return {kept: saved["full_steps"]}, saved.get("correction")
         if saved is None or saved.get("settings") != key:
             saved = {"settings": key, **self.search_full_steps(refine=self.cfg.schedule == "search")}
             if self.dist.is_main:
@@ -411,20 +495,28 @@ class Trainer:
         for name in saved["held_out_psnr"]:
             if saved[name] not in candidates.values():
                 candidates[name] = saved[name]
-        return candidates
+        return candidates, None
 
-    def keep_schedule(self, name: str, trained: dict[str, float]) -> None:
-        """Record in `out/schedule.json` the placement kept and the held-out PSNR of the predictor trained on each."""
+    def keep_schedule(self, placement: str, correction: bool, trained: dict[str, float]) -> None:
+        """Record in `out/schedule.json` the placement (and with correction "auto" the correction) kept and the
+        held-out PSNR of the predictor trained on each candidate."""
         path = self.out / "schedule.json"
         if self.dist.is_main:
             saved = json.loads(path.read_text())
-            saved.update(kept=name, full_steps=saved[name], trained_held_out_psnr=trained)
+            saved.update(kept=placement, full_steps=saved[placement], trained_held_out_psnr=trained)
+            if self.base.correction == "auto":
+                saved["correction"] = correction
             atomic_write_text(path, json.dumps(saved, indent=1) + "\n")
 
     def schedule_settings(self) -> dict[str, Any]:
-        """What a schedule search depends on (a saved search is reused only under the same settings)."""
+        """What a schedule search and the choices kept after it depend on (a saved search is reused only under the
+        same settings)."""
         key = {k: getattr(self.cfg, k) for k in ("interval", "warmup", "val_fraction", "schedule")}
         key.update(search_trajectories=SEARCH_TRAJECTORIES, recording=str(self.rec.dir), steps=self.num_steps)
+        if self.val_rec is not None:
+            key["validation"] = str(self.val_rec.dir)
+        if self.base.correction == "auto":
+            key["correction"] = "auto"
         return key
 
     def search_full_steps(self, refine: bool = True) -> dict[str, Any]:
@@ -733,7 +825,7 @@ class Trainer:
     def _run(self, batch: list[int], data: list[dict[str, torch.Tensor]], grad: bool = False) -> torch.Tensor:
         """The pipeline on these trajectories' prompts and noise; `grad`: with autograd through the whole sampler
         (diffusers pipelines run `__call__` under no_grad, so its undecorated function is called)."""
-        prompts = [self.rec.entries[i]["prompt"] for i in batch]
+        prompts = [self._prompt(i) for i in batch]
         noise = torch.stack([d["noise"] for d in data]).to(self.device, self.dtype)
         kwargs = call_kwargs(self.settings, self.pipe)
         if isinstance(kwargs.get("negative_prompt"), str):  # one negative prompt per prompt of the batch
@@ -754,7 +846,7 @@ class Trainer:
         enable(self.pipe, config)
         try:
             for batch in self._batches(indices):
-                data = [self.rec.load(i) for i in batch]
+                data = [self._load(i) for i in batch]
                 with self.latents_at(steps, len(batch)) as latents:
                     final = self._run(batch, data).float().cpu()
                 for row, d in enumerate(data):
@@ -793,10 +885,11 @@ class Trainer:
         return self.closed_loop_error(LESAConfig(predictor=predictor, count_flops=False))
 
     # -- one seed, resumable -----------------------------------------------------------------------------------------
-    def train_seed(self, seed: int, placement: str | None = None) -> dict[str, Any]:
-        """Train one seed on the current schedule (`placement`: its name when the schedule was placed, which keeps
-        its checkpoints apart from other placements')."""
-        name = f"seed{seed}.pt" if placement is None else f"{placement.replace(' ', '-')}-seed{seed}.pt"
+    def train_seed(self, seed: int, variant: str | None = None) -> dict[str, Any]:
+        """Train one seed on the current schedule and correction (`variant`: their name when `run` trains several,
+        which keeps its checkpoints apart from the others')."""
+        slug = None if variant is None else variant.replace(",", "").replace(" ", "-")
+        name = f"seed{seed}.pt" if slug is None else f"{slug}-seed{seed}.pt"
         ckpt_path = self.out / "checkpoints" / name
         predictor = self.new_predictor(seed)
         distributed.broadcast_parameters(predictor)  # bit-identical replicas from the start, whatever the phase
@@ -891,40 +984,42 @@ class Trainer:
 
     # -- the whole job -----------------------------------------------------------------------------------------------
     def run(self) -> LESAPredictor:
-        """Train every seed (and, with schedule "plan" / "search", on every candidate placement) and save the
-        predictor that scores best on the held-out split."""
-        placed = self.cfg.schedule != "uniform"
-        uniform = StepSchedule(self.cfg.interval, self.cfg.warmup).full_steps(self.num_steps)
-        candidates = self.schedule_candidates() if placed else {"uniform": uniform}
+        """Train every seed of every variant (each candidate placement with schedule "plan" / "search", with and
+        without the correction when it is "auto") and save the predictor that scores best on the held-out split."""
+        variants = self.variants()
+        named = self.base.schedule != "uniform" or self.base.correction == "auto"  # checkpoints by variant
         self.log(
-            f"lesa train: {len(self.train_idx)} training / {len(self.val_idx)} held-out trajectories, "
-            f"{self.num_steps} steps, interval {self.cfg.interval}, warmup {self.cfg.warmup}, windows "
+            f"lesa train: {len(self.train_idx)} training / {len(self.val_idx)} held-out trajectories"
+            + (f" (held out: {self.val_rec.dir})" if self.val_rec is not None else "")
+            + f", {self.num_steps} steps, interval {self.cfg.interval}, warmup {self.cfg.warmup}, windows "
             f"{','.join(map(str, self.windows))}, phases {','.join(self.cfg.phases)}, "
-            f"target {self.cfg.target}, {self.cfg.seeds} seed(s), "
-            + "; ".join(f"{name} full steps {full}" for name, full in candidates.items())
+            f"target {self.cfg.target}, {self.cfg.seeds} seed(s); "
+            + "; ".join(f"{name}: full steps {full}" for name, _, full, _ in variants)
         )
         results: dict[tuple[str, int], dict[str, Any]] = {}
-        for name, full in candidates.items():
-            self._use_schedule(self._explicit(full))
+        for name, _, full, correction in variants:
+            self._use_variant(full, correction)
             for seed in range(self.cfg.seed, self.cfg.seed + self.cfg.seeds):
-                results[name, seed] = self.train_seed(seed, name if placed else None)
+                results[name, seed] = self.train_seed(seed, name if named else None)
         best = next(iter(results))
         for key, result in results.items():
             if self.cfg.better(result["best"], results[best]["best"]):
                 best = key
         kept, best_seed = best
+        _, placement, kept_full, kept_correction = next(v for v in variants if v[0] == kept)
         trained = None
-        if len(candidates) > 1:
+        if len(variants) > 1:
             trained = {
-                name: max(r["best"]["psnr"] for (n, _), r in results.items() if n == name) for name in candidates
+                name: max(r["best"]["psnr"] for (n, _), r in results.items() if n == name) for name, *_ in variants
             }
             self.log(
-                f"schedule: keeping the {kept} one, {candidates[kept]} (held-out PSNR of the trained predictors: "
-                + ", ".join(f"{name} {v:.2f}" for name, v in trained.items())
+                f"keeping {kept}: full steps {kept_full} (held-out PSNR of the trained predictors: "
+                + "; ".join(f"{name} {v:.2f}" for name, v in trained.items())
                 + " dB)"
             )
-            self.keep_schedule(kept, trained)
-        self._use_schedule(self._explicit(candidates[kept]))
+        if self.base.schedule != "uniform" and trained is not None:
+            self.keep_schedule(placement, kept_correction, trained)
+        self._use_variant(kept_full, kept_correction)
         results = {seed: r for (name, seed), r in results.items() if name == kept}
         predictor = self.new_predictor(best_seed)
         predictor.load_state_dict(results[best_seed]["best_state"])
@@ -964,7 +1059,8 @@ class Trainer:
             "train_trajectories": len(self.train_idx),
             "val_trajectories": len(self.val_idx),
             "start": self.start,
-            "placements": trained,
+            "candidates": trained,
+            "validation_recording": None if self.val_rec is None else str(self.val_rec.dir),
             "config": self.cfg.fingerprint(),
             "world_size": self.dist.world_size,
             "replica_digests": replicas,
@@ -1053,11 +1149,12 @@ def model_card(predictor: LESAPredictor, summary: dict, rec: Recording) -> str:
     placed = ""
     if schedule.searched:
         placed = f", placed by `--schedule {cfg.get('schedule')}`: {schedule.full_steps(pc.num_steps)}"
-        if summary.get("placements"):
-            placed += " (held-out PSNR of the predictors trained on each candidate placement: " + ", ".join(
-                f"{name} {v:.2f} dB" for name, v in summary["placements"].items()
-            )
-            placed += ")"
+    candidates = ""
+    if summary.get("candidates"):
+        candidates = "\n- Kept the best on the held-out trajectories of the predictors trained on each candidate: " + (
+            "; ".join(f"{name} {v:.2f} dB" for name, v in summary["candidates"].items())
+        )
+    held_out = f"`{summary['validation_recording']}`" if summary.get("validation_recording") else f"`{rec.dir}`"
     loss = {
         "step": f"L1 on the {cfg['target']}, per cached step",
         "cycle": f"L1 on the {cfg['target']}, integrated over each cache cycle",
@@ -1097,10 +1194,10 @@ skipped and this predictor forecasts the tapped feature ({pc.tap}).
 - Schedule: {pc.num_steps} steps, interval N = {pc.interval}, warm-up E = {pc.warmup}: {full} full steps
   ({pc.num_steps / full:.2f}x fewer trunk executions){placed}
 - Stages: thresholds {pc.thresholds} on sigma, windows K = {pc.windows}, history {pc.history}, contexts {pc.contexts}
-- Memory: {pc.memory} ({memory}); gain offset {pc.gain_bias:.4f} ({start}){correction}
+- Memory: {pc.memory} ({memory}); gain offset {pc.gain_bias:.4f} ({start}){correction}{candidates}
 - Parameters: {predictor.num_parameters():,}
-- Training data: {summary["train_trajectories"]} training and {summary["val_trajectories"]} held-out trajectories
-  from `{rec.dir}` ({len(rec)} prompts recorded at {size})
+- Training data: {summary["train_trajectories"]} training trajectories from `{rec.dir}` ({len(rec)} prompts
+  recorded at {size}); {summary["val_trajectories"]} held-out trajectories from {held_out}
 - Training: {phases}; closed-loop loss: {loss}; batch
   {cfg["batch_size"]}; checkpoint by held-out {cfg.get("select", "mse")}; kept: seed {summary["best_seed"]}
 

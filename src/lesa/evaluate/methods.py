@@ -13,6 +13,7 @@ import io
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import lesa
@@ -177,18 +178,31 @@ def bench_schedules(keys: list[tuple[int, int, tuple[int, ...]]]) -> list[tuple[
     return out
 
 
+SEED_SUFFIX = re.compile(r"[-_](?:s|seed)\d+$")  # a predictor directory's seed suffix: runs/pred-n7-seed1, th3-n7-s1
+
+
 def lesa_methods(predictors: list[str], steps: int) -> dict[tuple[int, int, tuple[int, ...]], list[Method]]:
-    """LESA rows grouped by budget; several predictors of one schedule are seeds of one row."""
-    out: dict[tuple[int, int], list[Method]] = {}
+    """LESA rows grouped by budget. Predictors of one schedule whose directory names differ only in a seed suffix
+    ("-seed1", "-s1") are seeds of one row; when one schedule has predictors of several such names, each name is a
+    row of its own."""
+    loaded = []
     for directory in predictors:
         predictor = LESAPredictor.from_pretrained(directory)
         pc = predictor.config
         if pc.num_steps != steps:
             raise ValueError(f"predictor {directory} was trained for {pc.num_steps} steps, the bench runs {steps}")
         budget = Budget(pc.interval, pc.warmup, steps, tuple(pc.explicit_full_steps))
+        variant = SEED_SUFFIX.sub("", Path(directory).resolve().name)
+        loaded.append((directory, predictor, budget, variant))
+    names: dict[tuple[int, int, tuple[int, ...]], set[str]] = {}
+    for _, _, budget, variant in loaded:
+        names.setdefault((budget.interval, budget.warmup, budget.explicit), set()).add(variant)
+    out: dict[tuple[int, int, tuple[int, ...]], list[Method]] = {}
+    for directory, predictor, budget, variant in loaded:
+        key = (budget.interval, budget.warmup, budget.explicit)
+        row = f"LESA {budget.name}" + (f" ({variant})" if len(names[key]) > 1 else "")
         config = lesa.LESAConfig(predictor=predictor, count_flops=False)
-        method = Method(f"LESA {budget.name}", "lesa", budget, *_ours(config), seed=str(directory))
-        out.setdefault((budget.interval, budget.warmup, budget.explicit), []).append(method)
+        out.setdefault(key, []).append(Method(row, "lesa", budget, *_ours(config), seed=str(directory)))
     return out
 
 
