@@ -26,11 +26,10 @@ lesa record --model embedded --prompts runs/val_prompts.txt --out runs/rec-val -
 #    --val-fraction 0.2 keeps the 20 scenes they describe out of training): seed 0 trains the uniform placement and
 #    one found by dynamic programming, each with and without the learned full-step correction, each started at the
 #    better of reuse and damped TaylorSeer O1 there, and keeps the best of the four on the validation trajectories
-#    (about 40 min per N with two processes; BENCHMARKS.md "The recipe chooses by itself"). Its loss also scores the
+#    (about 60 min per N with two processes; BENCHMARKS.md "The recipe chooses by itself"). Its loss also scores the
 #    latents closing the first two cache cycles: step 2's per-step latents.
 #    Seed 0 is the default predictor; seed 1, given seed 0's schedule.json, trains only the variant seed 0 kept and
-#    is the bench's second seed. The shipped n10 pair is this loop's output (2026-12-04); the shipped n7 pair is
-#    still that of the recipe before --val-data (correction always on, 20 held-out trajectories; 2026-12-03).
+#    is the bench's second seed. The shipped pairs are this loop's output (n10 2026-12-04, n7 2026-12-06).
 for n in 7 10; do
   for seed in 0 1; do
     name="n$n"; [ "$seed" = 1 ] && name="n$n-seed1"
