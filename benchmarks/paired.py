@@ -10,8 +10,9 @@ either way (an image that lands on another mode of the sampler moves by about 10
 directory names differ only by a seed suffix (`-s1`, `-seed1`) are the seeds of one row; other predictors under the
 same row name (e.g. two variants benched together) get a row each, named by their directory. LESA rows of later
 files are named by that directory too, so the seeds of one variant benched in several runs form one row, and they
-are also paired with the first file's LESA row of as many full steps (e.g. the shipped predictors). A baseline row
-name already read is not read again.
+are also paired with every other LESA row of as many full steps: the first file's (e.g. the shipped predictors),
+then those of the later files (e.g. two candidates benched in separate runs). A baseline row name already read is
+not read again.
 """
 
 from __future__ import annotations
@@ -80,13 +81,14 @@ def main(argv: list[str] | None = None) -> None:
     print("|---|---|---|---|---|---|")
     for row in lesa.values():
         row["mean"] = [sum(v) / len(v) for v in zip(*row["seeds"].values(), strict=True)]
-    first = {label: {"count": row["count"], "values": row["mean"]} for label, row in lesa.items() if row["first"]}
+    rows = {label: {"count": row["count"], "values": row["mean"]} for label, row in lesa.items()}
     for label, row in lesa.items():
         seeds = list(row["seeds"].values())
         mean_per_prompt = row["mean"]
         own = ", ".join(f"{mean_se(s)[0]:.2f}" for s in seeds)
         head = f"{label}: {mean_se(mean_per_prompt)[0]:.2f} ({own})"
-        for name, other in {**others, **({} if row["first"] else first)}.items():
+        lesa_rows = {} if row["first"] else {name: other for name, other in rows.items() if name != label}
+        for name, other in {**others, **lesa_rows}.items():
             if other["count"] != row["count"]:
                 continue
             diff = [a - b for a, b in zip(mean_per_prompt, other["values"], strict=True)]

@@ -76,6 +76,17 @@ def test_later_files_merge_a_variants_seeds_and_pair_it_with_the_first_files_les
     assert lines[4].startswith("|  | LESA N=7 | 30.00 | +1.00 ± 1.00 (+0.50, +1.50) | 1 of 2 |")
 
 
+def test_later_files_variants_are_paired_with_each_other(tmp_path, capsys):
+    first = write(tmp_path / "a.json", [run("FORA N=7", "fora", "10/50", [29.0, 29.0])], n=2)
+    b = write(tmp_path / "b.json", [run("LESA N=7", "lesa", "10/50", [31.0, 30.0], "runs/old-n7")], n=2)
+    c = write(tmp_path / "c.json", [run("LESA N=7 searched", "lesa", "10/50", [33.0, 32.0], "runs/new-n7")], n=2)
+    paired.main([str(first), str(b), str(c)])
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 + 2 + 2  # each variant against FORA and against the other
+    assert lines[3].startswith("|  | LESA N=7 searched (new-n7) | 32.50 | -2.00 ± 0.00 (-2.00) | 0 of 2 |")
+    assert lines[5].startswith("|  | LESA N=7 (old-n7) | 30.50 | +2.00 ± 0.00 (+2.00) | 2 of 2 |")
+
+
 def test_refuses_results_of_other_prompt_counts(tmp_path):
     a = write(tmp_path / "a.json", [run("FORA N=7", "fora", "10/50", [1.0, 2.0, 3.0])])
     b = write(tmp_path / "b.json", [], n=4)
