@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -130,10 +131,17 @@ def test_bench_cli_writes_results_with_counts_matching_the_schedules(tmp_path, t
 
 
 def test_bench_refuses_evaluation_prompts_used_for_fitting(tmp_path, recording):
+    # the same trajectory: the recording is of this tiny FluxPipeline at this size, prompt 0 from seed 0
+    fit = tmp_path / "fit"
+    shutil.copytree(recording.dir, fit)
+    manifest = json.loads((fit / "manifest.json").read_text())
+    (fit / "manifest.json").write_text(
+        json.dumps({**manifest, "settings": {**manifest["settings"], "model": "tiny-random-flux"}})
+    )
     prompts = tmp_path / "eval.txt"
     prompts.write_text(recording.entries[0]["prompt"] + "\n")
     argv = ["bench", "--model", "tiny-random-flux", "--prompts", str(prompts), "--out", str(tmp_path / "b")]
-    argv += ["--methods", "fora,taylorseer-damped", "--fit-data", str(recording.dir)]
+    argv += ["--methods", "fora,taylorseer-damped", "--fit-data", str(fit), "--height", str(SIZE), "--width", str(SIZE)]
     assert main(argv) == 2
 
 

@@ -8,6 +8,7 @@ from conftest import PROMPTS, SIZE, STEPS, kill_at_score
 
 import lesa
 import lesa.record as record_module
+from lesa.checkpoint import load_checkpoint, save_checkpoint
 from lesa.record import Recording, read_prompts, record
 from lesa.train import TrainConfig, Trainer, one_step_errors
 
@@ -199,9 +200,9 @@ def test_training_resumes_exactly_where_it_stopped(pipe, recording, tmp_path, mo
         Trainer(recording, pipe, tmp_path / "cut", other, progress=False, log=lambda *_: None).train_seed(0)
     # a checkpoint written before a setting existed resumes when the setting keeps its default
     ckpt_path = next((tmp_path / "cut" / "checkpoints").iterdir())
-    ckpt = torch.load(ckpt_path, weights_only=False)
+    ckpt = load_checkpoint(ckpt_path)
     del ckpt["fingerprint"]["history_grad"]
-    torch.save(ckpt, ckpt_path)
+    save_checkpoint(ckpt_path, ckpt)
     assert Trainer(recording, pipe, tmp_path / "cut", config, progress=False, log=lambda *_: None).train_seed(0)["done"]
     exact = TrainConfig(**{**config.__dict__, "history_grad": True})
     with pytest.raises(ValueError, match="made with other settings \\(history_grad\\)"):
@@ -394,7 +395,7 @@ def test_a_validation_recording_replaces_the_held_out_split(pipe, recording, val
     with pytest.raises(ValueError, match=r"settings field 'steps' is 20, the training recording's is 50"):
         check_validation_recording(recording, other)
     other = Recording(validation.dir)
-    other.entries = [{**e, "prompt": PROMPTS[3]} for e in other.entries]
+    other.entries = [{**e, "prompt": PROMPTS[3], "seed": 3} for e in other.entries]  # a trajectory trained on
     with pytest.raises(ValueError, match="also in the training recording, e.g. 'a test prompt number 3'"):
         Trainer(recording, pipe, tmp_path / "r", config, validation=other, **QUIET)
 
@@ -413,7 +414,7 @@ def test_correction_auto_trains_both_and_keeps_the_better(pipe, recording, valid
     placements = [name for name in saved["held_out_psnr"] if name == "uniform" or saved[name] != saved["uniform"]]
     assert set(trained) == {f"{p}, {c} correction" for p in placements for c in ("with", "no")}
     assert {p.name for p in (out / "checkpoints").iterdir()} == {
-        f"{name.replace(',', '').replace(' ', '-')}-seed0.pt" for name in trained
+        f"{name.replace(',', '').replace(' ', '-')}-seed0.safetensors" for name in trained
     }
     best = max(trained, key=trained.get)
     assert saved["kept"] == best.split(",")[0] and saved["correction"] == ("with" in best)

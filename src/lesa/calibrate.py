@@ -54,10 +54,18 @@ def _trajectories(data: FitData, indices: Iterable[int] | None) -> Iterable[torc
             yield tensors[f"{context}.feature"]
 
 
+def damping_cycles(schedule: StepSchedule, num_steps: int) -> list[tuple[int, list[int]]]:
+    """The cycles a damping is fitted on: cached steps with two full steps before them (none on a few-step schedule,
+    where every TaylorSeer O1 forecast is the last feature)."""
+    return [(s, fulls) for s, fulls in cycles(schedule, num_steps) if len(fulls) >= 2]
+
+
 def fit_damping(data: FitData, schedule: StepSchedule, indices: Iterable[int] | None = None) -> float:
     """The g minimising sum ||F(f) + g * k * dF - F(s)||^2 over cached steps s (f the last full step, k = s - f,
     dF the first difference of the last two full steps): TaylorSeer O1 with a fitted step."""
-    pairs = [(s, fulls) for s, fulls in cycles(schedule, _num_steps(data)) if len(fulls) >= 2]
+    pairs = damping_cycles(schedule, _num_steps(data))
+    if not pairs:
+        raise ValueError(f"{_where(data)}: no cached step has two full steps before it; cannot fit a damping")
     numerator = denominator = 0.0
     for features in _trajectories(data, indices):
         for step, (f0, f1, *_) in pairs:
@@ -66,7 +74,9 @@ def fit_damping(data: FitData, schedule: StepSchedule, indices: Iterable[int] | 
             numerator += float((x * (target - last)).sum())
             denominator += float((x * x).sum())
     if denominator == 0:
-        raise ValueError(f"{_where(data)}: no cached step has two full steps before it; cannot fit a damping")
+        raise ValueError(
+            f"{_where(data)}: no feature of the given trajectories changes between full steps; cannot fit a damping"
+        )
     return numerator / denominator
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
+import math
 import os
 import sys
 import time
@@ -12,8 +13,28 @@ from pathlib import Path
 
 import torch
 
+from .checks import check_numbers
 from .evaluate.methods import FAMILIES
 from .train import CHOICES, DEFAULT_RECIPE, RECIPES
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line on stderr, exit status 2, like every other `lesa` error (the
+    usage stays in --help)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _finite(text: str) -> float:
+    """A float option's value: NaN and infinities are refused (a NaN guidance scale silently turns guidance off)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expects a finite number, got {text!r}")
+    return value
 
 
 def _pipeline_args(p: argparse.ArgumentParser, model_help: str, offload: bool = True) -> None:
@@ -29,7 +50,7 @@ def _pipeline_args(p: argparse.ArgumentParser, model_help: str, offload: bool = 
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lesa", description=__doc__)
+    parser = _Parser(prog="lesa", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     model_help = (
         "local diffusers pipeline directory, hub id, 'embedded', or a tiny random pipeline built offline: "
@@ -46,11 +67,11 @@ def _parser() -> argparse.ArgumentParser:
     rec.add_argument("--height", type=int, default=None)
     rec.add_argument("--width", type=int, default=None)
     rec.add_argument("--seed", type=int, default=0, help="prompt i uses seed + i")
-    rec.add_argument("--guidance-scale", type=float, default=None)
+    rec.add_argument("--guidance-scale", type=_finite, default=None)
     rec.add_argument("--negative-prompt", default=None, help="negative prompt of the unconditional (CFG) pass")
     rec.add_argument(
         "--true-cfg-scale",
-        type=float,
+        type=_finite,
         default=None,
         help="true-CFG scale of FLUX / Qwen-Image (with --negative-prompt)",
     )
@@ -72,8 +93,8 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("--phases", default=None, help="comma-separated: gt, clar")
     tr.add_argument("--epochs", type=int, default=None, help="epochs of phase gt")
     tr.add_argument("--epochs-clar", type=int, default=None, help="epochs of phase clar")
-    tr.add_argument("--lr-gt", type=float, default=1e-3)
-    tr.add_argument("--lr-clar", type=float, default=None)
+    tr.add_argument("--lr-gt", type=_finite, default=1e-3)
+    tr.add_argument("--lr-clar", type=_finite, default=None)
     tr.add_argument(
         "--history-grad",
         action=argparse.BooleanOptionalAction,
@@ -83,16 +104,18 @@ def _parser() -> argparse.ArgumentParser:
     )
     tr.add_argument(
         "--anchor",
-        type=float,
+        type=_finite,
         default=0.0,
         help="decay toward the predictor's start instead of toward zero: after each update every weight moves "
         "lr * ANCHOR of the way back to its start (a trust region around a calibrated start; default 0: off)",
     )
-    tr.add_argument("--lr-min", type=float, default=1e-4)
+    tr.add_argument(
+        "--lr-min", type=_finite, default=1e-4, help="floor of every cosine schedule (>= 0; 0 decays to zero)"
+    )
     tr.add_argument("--batch-size", type=int, default=8, help="trajectories per minibatch")
     tr.add_argument(
         "--val-fraction",
-        type=float,
+        type=_finite,
         default=None,
         help="share of the recorded prompts held out of training (default 0.2; with --val-data 0, and that split is "
         "then left out of training without being scored)",
@@ -157,12 +180,12 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("--no-correction", dest="correction", action="store_const", const="off", help="--correction off")
     tr.add_argument(
         "--correction-start",
-        type=float,
+        type=_finite,
         default=None,
         help="strength the correction starts from on the first --correction-cycles cycles (default 1/3)",
     )
     tr.add_argument("--correction-cycles", type=int, default=None, help="cycles started corrected (default 2)")
-    tr.add_argument("--lr-correction", type=float, default=None, help="peak learning rate of the correction (1e-2)")
+    tr.add_argument("--lr-correction", type=_finite, default=None, help="peak learning rate of the correction (1e-2)")
     _choice(tr, "select", "held-out score that picks the kept checkpoint")
     _choice(
         tr,
@@ -187,14 +210,14 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--interval", type=int, default=None, help="N (default: the predictor's, else 7)")
     gen.add_argument("--warmup", type=int, default=None, help="E (default: the predictor's, else 3)")
     gen.add_argument("--order", type=int, default=1, help="TaylorSeer order")
-    gen.add_argument("--damping", type=float, default=1.0, help="TaylorSeer damping of the difference terms")
+    gen.add_argument("--damping", type=_finite, default=1.0, help="TaylorSeer damping of the difference terms")
     gen.add_argument("--steps", type=int, default=50)
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--height", type=int, default=None)
     gen.add_argument("--width", type=int, default=None)
-    gen.add_argument("--guidance-scale", type=float, default=None)
+    gen.add_argument("--guidance-scale", type=_finite, default=None)
     gen.add_argument("--negative-prompt", default=None, help="negative prompt of the unconditional (CFG) pass")
-    gen.add_argument("--true-cfg-scale", type=float, default=None, help="true-CFG scale (FLUX / Qwen-Image)")
+    gen.add_argument("--true-cfg-scale", type=_finite, default=None, help="true-CFG scale (FLUX / Qwen-Image)")
     gen.add_argument("--num-frames", type=int, default=None, help="frames of a video pipeline")
     gen.add_argument("--fps", type=int, default=8, help="frame rate of a written video")
     gen.add_argument("--json", action="store_true", help="print one JSON object with the measurements")
@@ -226,7 +249,8 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--repeats", type=int, default=3, help="interleaved timing repeats")
     b.add_argument("--timing-prompts", type=int, default=4, help="prompts in each timing repeat")
     b.add_argument("--limit", type=int, default=None, help="use only the first L evaluation prompts")
-    b.add_argument("--guidance-scale", type=float, default=None)
+    b.add_argument("--seed", type=int, default=0, help="evaluation prompt i uses seed + i (reference and every method)")
+    b.add_argument("--guidance-scale", type=_finite, default=None)
     b.add_argument("--height", type=int, default=None)
     b.add_argument("--width", type=int, default=None)
     b.add_argument("--lpips-weights", nargs="+", default=[], help="AlexNet + LPIPS weight files (local)")
@@ -247,21 +271,31 @@ def _ints(text: str, name: str) -> tuple[int, ...]:
     try:
         return tuple(int(x) for x in text.split(",") if x.strip())
     except ValueError:
-        raise SystemExit(f"lesa: --{name} expects comma-separated integers, got {text!r}") from None
+        raise ValueError(f"--{name} expects comma-separated integers, got {text!r}") from None
 
 
 def _floats(text: str, name: str) -> tuple[float, ...]:
     try:
         return tuple(float(x) for x in text.split(",") if x.strip())
     except ValueError:
-        raise SystemExit(f"lesa: --{name} expects comma-separated numbers, got {text!r}") from None
+        raise ValueError(f"--{name} expects comma-separated numbers, got {text!r}") from None
 
 
 def _record(args) -> int:
     from .distributed import init_distributed
     from .models import load_pipeline, model_label
-    from .record import read_prompts, record
+    from .record import check_record_arguments, read_prompts, record
 
+    # record() checks these too; here they are refused before the pipeline loads
+    check_record_arguments(
+        steps=args.steps,
+        height=args.height,
+        width=args.width,
+        num_frames=args.num_frames,
+        guidance_scale=args.guidance_scale,
+        true_cfg_scale=args.true_cfg_scale,
+        dtype=args.record_dtype,
+    )
     prompts = read_prompts(args.prompts)
     dist = init_distributed(args.device)  # under torchrun: join the group; alone: nothing happens
     pipe = load_pipeline(args.model, dist.device, args.dtype, args.cpu_offload)
@@ -332,14 +366,17 @@ def _train(args) -> int:
 
     from .distributed import init_distributed
     from .models import load_pipeline
+    from .predictor import check_predictor_dir
     from .record import Recording
     from .train import Trainer, check_validation_recording
 
+    config = _train_config(args)  # bad options are refused before any data is read
+    check_predictor_dir(args.out)  # the predictor is saved there at the end: refused now, not hours later
     rec = Recording(args.data)
     validation = None if args.val_data is None else Recording(args.val_data)
     if validation is not None:
-        check_validation_recording(rec, validation)  # before the pipeline loads
-    config = _train_config(args)
+        # refused before the pipeline loads; the Trainer checks again and gives the notices (once, on rank 0)
+        check_validation_recording(rec, validation, notice=lambda _: None)
     model = args.model or rec.settings["model"]
     dist = init_distributed(args.device)  # under torchrun: join the group; alone: nothing happens
     pipe = load_pipeline(model, dist.device, args.dtype)
@@ -351,8 +388,13 @@ def _train(args) -> int:
 
 
 def _ensemble(args) -> int:
-    from .predictor import LESAPredictor
+    from .predictor import LESAPredictor, check_predictor_dir
 
+    out = Path(args.out).resolve()
+    for d in args.predictors:
+        if Path(d).resolve() == out:
+            raise ValueError(f"--out {args.out} is one of the predictors to ensemble; write the ensemble elsewhere")
+    check_predictor_dir(args.out)
     model = LESAPredictor.ensemble([LESAPredictor.from_pretrained(d) for d in args.predictors])
     members = "\n".join(f"- `{d}`" for d in args.predictors)
     card = (
@@ -371,6 +413,9 @@ def _generate(args) -> int:
     from .models import EMBEDDED_MODEL, TINY_MODELS, load_pipeline, model_label, shipped_predictor
     from .record import pipeline_output
 
+    sizes = [("--height", args.height), ("--width", args.width), ("--num-frames", args.num_frames)]
+    check_numbers([("--steps", args.steps), ("--fps", args.fps), ("--interval", args.interval), *sizes], 1)
+    check_numbers([("--warmup", args.warmup), ("--order", args.order)], 0)
     schedule = {k: v for k, v in (("interval", args.interval), ("warmup", args.warmup)) if v is not None}
     if args.cache == "lesa":
         predictor = args.predictor
@@ -385,8 +430,6 @@ def _generate(args) -> int:
         config = TaylorSeerConfig(order=args.order, damping=args.damping, **schedule)
     else:
         config = NoCacheConfig()
-    if args.steps < 1:
-        raise ValueError(f"--steps must be >= 1, got {args.steps}")
     pipe = load_pipeline(args.model, args.device, args.dtype, args.cpu_offload)
     video = hasattr(pipe, "video_processor")
     check_output_path(args.out, video)
@@ -459,7 +502,7 @@ def _bench(args) -> int:
         predictors=args.predictor,
         methods=[m.strip() for m in args.methods.split(",") if m.strip()],
         steps=args.steps,
-        intervals=list(_ints(args.intervals, "--intervals")),
+        intervals=list(_ints(args.intervals, "intervals")),
         warmup=args.warmup,
         fit_data=args.fit_data,
         fit_prompts=args.fit_prompts,
@@ -469,6 +512,7 @@ def _bench(args) -> int:
         repeats=args.repeats,
         timing_prompts=args.timing_prompts,
         limit=args.limit,
+        seed=args.seed,
         guidance_scale=args.guidance_scale,
         height=args.height,
         width=args.width,

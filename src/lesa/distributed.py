@@ -43,15 +43,14 @@ def init_distributed(device: str | None = None, timeout_s: float = 1800.0) -> Di
     The backend follows the device: `nccl` for CUDA (each rank on `cuda:LOCAL_RANK`), `gloo` for CPU. `device`
     overrides the default (CUDA when available); a plain "cuda" becomes this rank's own GPU.
     """
+    from .models import resolve_device  # models imports the diffusers adapters: only when a run starts
+
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = resolve_device(device)  # refuses a device this machine lacks, on every rank
     if world <= 1:
         return DistInfo(device=device)
     if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise RuntimeError(f"--device {device} asked for, but CUDA is not available on rank {os.environ['RANK']}")
         if device == "cuda":
             device = f"cuda:{local_rank}"
         torch.cuda.set_device(torch.device(device))

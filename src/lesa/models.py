@@ -113,16 +113,39 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def resolve_device(device: str | None) -> str:
+    """The device `--device` names (None: cuda if available, else cpu), refused up front when it is no torch device
+    or this machine lacks it (torch would only fail deep inside the first transfer)."""
+    if device is None:
+        return default_device()
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"--device {device!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from None
+    if parsed.type == "cpu":
+        return device
+    backend = getattr(torch, parsed.type, None)  # torch.cuda, torch.mps, torch.xpu, ...
+    if not (hasattr(backend, "is_available") and backend.is_available()):
+        raise ValueError(f"--device {device}: no {parsed.type} device is available on this machine")
+    count = backend.device_count() if hasattr(backend, "device_count") else None
+    if parsed.index is not None and count is not None and parsed.index >= count:
+        raise ValueError(f"--device {device}: this machine has {count} {parsed.type} device(s)")
+    return device
+
+
+def float_dtype(name: str, option: str = "--dtype") -> torch.dtype:
+    """The floating-point torch dtype called `name` (e.g. bfloat16); a ValueError naming `option` otherwise."""
+    dtype = getattr(torch, name, None) if isinstance(name, str) else None
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"{option} {name!r} is not a floating-point torch dtype (e.g. float32, bfloat16, float16)")
+    return dtype
+
+
 def parse_dtype(name: str | None, device: str) -> torch.dtype:
+    """The pipeline dtype `--dtype` names (None: bfloat16 on cuda, float32 elsewhere)."""
     if name is None:
         return torch.bfloat16 if device.startswith("cuda") else torch.float32
-    try:
-        dtype = getattr(torch, name)
-    except AttributeError:
-        dtype = None
-    if not isinstance(dtype, torch.dtype):
-        raise ValueError(f"unknown dtype {name!r}; use float32, bfloat16 or float16")
-    return dtype
+    return float_dtype(name)
 
 
 def load_pipeline(
@@ -134,7 +157,7 @@ def load_pipeline(
 
     from .embedded.loading import is_embedded_dir, load_embedded
 
-    device = device or default_device()
+    device = resolve_device(device)
     torch_dtype = parse_dtype(dtype, device)
     model = model or default_model()
     built_here = model in TINY_MODELS or model == EMBEDDED_MODEL or is_embedded_dir(model)

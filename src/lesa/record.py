@@ -11,11 +11,16 @@ renamed to its final name only once every step is in. A file under a shard's nam
 Under `torchrun` the prompts still to do are split across ranks; every rank writes its own shards and rank 0 writes
 the merged manifest after a barrier. A killed run (one process or many, any number of ranks) restarts where it
 stopped: a shard on disk counts as done even when the manifest did not list it yet.
+
+Each manifest entry carries its shard's size and SHA-256: a resumed run records a listed shard again when it is
+missing or damaged, and `Recording.load` verifies a shard's checksum before its first use.
 """
 
 from __future__ import annotations
 
 import errno
+import functools
+import hashlib
 import inspect
 import json
 import os
@@ -31,8 +36,10 @@ from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from . import disable, distributed, enable
+from .checks import check_numbers
 from .config import NoCacheConfig
-from .io import atomic_path, atomic_write_text
+from .io import atomic_path, atomic_write_text, file_sha256
+from .models import float_dtype
 from .runtime import StepEvent, get_runtime
 
 MANIFEST = "manifest.json"
@@ -73,7 +80,11 @@ def read_prompts(path: str | Path) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"prompt file {path} does not exist")
-    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"prompt file {path} is not UTF-8 text ({e})") from None
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
     if not prompts:
         raise ValueError(f"prompt file {path} holds no prompt (one prompt per line expected)")
     return prompts
@@ -302,7 +313,43 @@ def _shard_name(index: int) -> str:
 
 def _entry(out_dir: Path, index: int, prompt: str, seed: int) -> dict[str, Any]:
     name = _shard_name(index)
-    return {"index": index, "prompt": prompt, "seed": seed, "file": name, "bytes": (out_dir / name).stat().st_size}
+    path = out_dir / name
+    return {
+        "index": index,
+        "prompt": prompt,
+        "seed": seed,
+        "file": name,
+        "bytes": path.stat().st_size,
+        "sha256": file_sha256(path),
+    }
+
+
+def shard_problem(path: Path, entry: dict[str, Any], checksum: bool = True) -> str | None:
+    """What is wrong with the shard of a manifest entry (missing, other size, with `checksum` other content), or
+    None. Entries of recordings made before checksums were recorded are checked by size alone."""
+    if not path.is_file():
+        return "is missing"
+    size = path.stat().st_size
+    if size != entry["bytes"]:
+        return f"is corrupted: {size} bytes, manifest says {entry['bytes']}"
+    if checksum and "sha256" in entry and file_sha256(path) != entry["sha256"]:
+        return "is corrupted: its content differs from what was recorded (SHA-256 mismatch)"
+    return None
+
+
+def _drop_damaged_entries(out_dir: Path, manifest: dict, log) -> None:
+    """Take listed shards that are missing or damaged out of the manifest (removing the damaged file), so a resumed
+    run records them again instead of counting them as done."""
+    kept = []
+    for entry in manifest["entries"]:
+        path = out_dir / entry["file"]
+        problem = shard_problem(path, entry)
+        if problem is None:
+            kept.append(entry)
+            continue
+        log(f"lesa record: shard {path} {problem}; recording prompt {entry['index']} again")
+        path.unlink(missing_ok=True)
+    manifest["entries"] = kept
 
 
 def _adopt_finished_shards(out_dir: Path, manifest: dict, seed: int, log) -> None:
@@ -352,6 +399,7 @@ def _plan(
             raise ValueError(f"{manifest_path} was recorded for a different prompt list; use another --out directory")
     else:
         manifest = {"format_version": FORMAT_VERSION, "settings": settings, "prompts": prompts, "entries": []}
+    _drop_damaged_entries(out_dir, manifest, log)
     _adopt_finished_shards(out_dir, manifest, settings["seed"], log)
     _fill_sigmas(out_dir, manifest)
     done = {e["index"] for e in manifest["entries"]}
@@ -379,6 +427,22 @@ def _plan(
     return manifest, layout
 
 
+def check_record_arguments(
+    *,
+    steps: int,
+    height: int | None,
+    width: int | None,
+    num_frames: int | None,
+    guidance_scale: float | None,
+    true_cfg_scale: float | None,
+    dtype: str,
+) -> torch.dtype:
+    """Refuse settings no recording can be made with (a ValueError naming the option); the record dtype."""
+    check_numbers([("steps", steps), ("height", height), ("width", width), ("num_frames", num_frames)], 1)
+    check_numbers([("guidance_scale", guidance_scale), ("true_cfg_scale", true_cfg_scale)])
+    return float_dtype(dtype, "--record-dtype")
+
+
 def record(
     pipe,
     prompts: list[str],
@@ -404,9 +468,16 @@ def record(
     """
     if not prompts:
         raise ValueError("no prompts to record")
-    record_dtype = getattr(torch, dtype, None)
-    if not isinstance(record_dtype, torch.dtype) or not record_dtype.is_floating_point:
-        raise ValueError(f"--dtype {dtype!r} is not a floating-point torch dtype (e.g. bfloat16, float16, float32)")
+    # refused before anything is written: a manifest of bad settings would block the corrected rerun
+    record_dtype = check_record_arguments(
+        steps=steps,
+        height=height,
+        width=width,
+        num_frames=num_frames,
+        guidance_scale=guidance_scale,
+        true_cfg_scale=true_cfg_scale,
+        dtype=dtype,
+    )
     out_dir = Path(out_dir)
     device = str(pipe.transformer.device)
     dist = distributed.current()
@@ -502,15 +573,30 @@ def load_manifest(data_dir: str | Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: is {data_dir} a `lesa record` output directory?")
     try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path} is corrupted (not valid JSON: {e})") from e
-    for key in ("format_version", "settings", "prompts", "entries"):
-        if key not in manifest:
-            raise ValueError(f"{path} is corrupted: field {key!r} is missing")
+    if not isinstance(manifest, dict):
+        raise ValueError(f"{path} is corrupted: a JSON object expected, got {type(manifest).__name__}")
+    _require(path, manifest, {"format_version": int, "settings": dict, "prompts": list, "entries": list})
     if manifest["format_version"] > FORMAT_VERSION:
         raise ValueError(f"{path}: format_version {manifest['format_version']} is newer than this lesa reads")
+    _require(path, manifest["settings"], {"model": str, "model_class": str, "steps": int}, "settings.")
+    if manifest["entries"]:  # a recording with trajectories: what reading and training them relies on
+        _require(path, manifest, {"sigmas": list, "contexts": list, "shapes": dict})
+        if not manifest["contexts"] or not all(f"{c}.feature" in manifest["shapes"] for c in manifest["contexts"]):
+            raise ValueError(f"{path} is corrupted: field 'shapes' lacks the feature shape of a context it lists")
     return manifest
+
+
+def _require(path: Path, data: dict, types: dict[str, type], prefix: str = "") -> None:
+    """Refuse a manifest whose `data` lacks one of the fields `types` names, or holds it with another JSON type."""
+    for key, kind in types.items():
+        name = prefix + key
+        if key not in data:
+            raise ValueError(f"{path} is corrupted: field {name!r} is missing")
+        if not isinstance(data[key], kind) or isinstance(data[key], bool):
+            raise ValueError(f"{path} is corrupted: field {name!r} is not a JSON {kind.__name__}")
 
 
 class Recording:
@@ -526,6 +612,7 @@ class Recording:
         self.sigmas: list[float] = self.manifest["sigmas"]
         self.contexts: list[str] = self.manifest["contexts"]
         self.shapes: dict[str, list[int]] = self.manifest["shapes"]
+        self._verified: set[int] = set()
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -534,13 +621,22 @@ class Recording:
     def feature_dim(self) -> int:
         return self.shapes[f"{self.contexts[0]}.feature"][-1]
 
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """SHA-256 naming this recording's content (settings, schedule, and each trajectory's prompt, seed and shard
+        checksum): a checkpoint or saved search made on other data is never taken for one made on this."""
+        keys = ("index", "prompt", "seed", "bytes", "sha256")
+        content = {
+            "settings": self.settings,
+            "sigmas": self.sigmas,
+            "entries": [{k: e.get(k) for k in keys} for e in self.entries],
+        }
+        return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+
     def load(self, i: int) -> dict[str, torch.Tensor]:
         entry = self.entries[i]
         path = self.dir / entry["file"]
-        if not path.is_file():
-            raise FileNotFoundError(f"shard {path} listed in {self.dir / MANIFEST} is missing")
-        if path.stat().st_size != entry["bytes"]:
-            raise ValueError(f"shard {path} is corrupted: {path.stat().st_size} bytes, manifest says {entry['bytes']}")
+        self._check(path, entry, checksum=False)
         try:
             with safe_open(str(path), framework="pt") as f:
                 tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
@@ -553,4 +649,14 @@ class Recording:
                 raise ValueError(f"shard {path}: tensor {key!r} has shape {list(tensors[key].shape)}, expected {shape}")
         for name, tensor in tensors.items():
             _check_finite(tensor, name, f"shard {path}")
+        if i not in self._verified:  # after the checks above, which name the tensor at fault when they can
+            self._check(path, entry, checksum=True)  # the whole file read once per shard and Recording
+            self._verified.add(i)
         return tensors
+
+    def _check(self, path: Path, entry: dict[str, Any], checksum: bool) -> None:
+        problem = shard_problem(path, entry, checksum)
+        if problem == "is missing":
+            raise FileNotFoundError(f"shard {path} listed in {self.dir / MANIFEST} is missing")
+        if problem is not None:
+            raise ValueError(f"shard {path} {problem}; record it again")

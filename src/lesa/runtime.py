@@ -63,6 +63,11 @@ class _StateManager(StateManager):
     def context(self) -> CacheContext:
         return self._context or _DEFAULT_CONTEXT
 
+    def restart(self) -> None:
+        """Every context starts a new generation at its next call (unlike `reset`, the current context is kept)."""
+        for state in self._state_cache.values():
+            state.reset()
+
 
 class ContextState(BaseState):
     """Per cache context: the policy and where this context is in its generation."""
@@ -131,20 +136,30 @@ class CacheRuntime:
         return args[index] if index < len(args) else None
 
     def _start_generation(self, name: str, state: ContextState) -> None:
-        if name in self.stats:  # a context seen before starts again: a new generation, drop the old counts
-            self.stats.clear()
-        self.stats[name] = ContextStats()
+        # everything is built first and assigned only once it all succeeded: a policy that refuses the schedule
+        # (e.g. a predictor trained for another step count) leaves the state and the last generation's counts as
+        # they were
         sigmas = self.sigma_source() if self.sigma_source is not None else None
         if sigmas is not None:
             sigmas = torch.as_tensor(sigmas).detach().float().cpu().flatten()
-        state.policy = self.config.make_policy(name)
-        state.policy.begin(sigmas)
-        state.num_steps = len(sigmas) - 1 if sigmas is not None else None
+        policy = self.config.make_policy(name)
+        policy.begin(sigmas)
+        num_steps = len(sigmas) - 1 if sigmas is not None else None
+        corrector = None
         if not self.config.adaptive:
             # without the sigma schedule the run's length is unknown: enough full steps for any run up to 1000 steps
-            full = self.schedule.full_steps(state.num_steps or 1000)
-            state.corrector = self.config.make_corrector(name, None if sigmas is None else sigmas.tolist(), full)
+            full = self.schedule.full_steps(num_steps or 1000)
+            corrector = self.config.make_corrector(name, None if sigmas is None else sigmas.tolist(), full)
+        if name in self.stats:  # a context seen before starts again: a new generation, drop the old counts
+            self.stats.clear()
+        self.stats[name] = ContextStats()
+        state.policy, state.corrector, state.num_steps = policy, corrector, num_steps
         state.step, state.last_sigma, state.last_full = 0, None, None
+
+    def abort(self) -> None:
+        """After a transformer call raised: the generation it belonged to is over, so every context's next call
+        starts a fresh one (a half-updated history, step counter or corrector never leaks into it)."""
+        self.state_manager.restart()
 
     def begin_call(self, args: tuple, kwargs: dict, dtype: torch.dtype | None = None) -> tuple[str, ContextState]:
         context = self.state_manager.context
@@ -253,6 +268,13 @@ class RootHook(ModelHook):
         self.state_manager = runtime.state_manager
 
     def new_forward(self, module: nn.Module, *args, **kwargs):
+        try:
+            return self._forward(module, *args, **kwargs)
+        except BaseException:  # an interrupt included: the next call must not continue a broken generation
+            self.runtime.abort()
+            raise
+
+    def _forward(self, module: nn.Module, *args, **kwargs):
         rt = self.runtime
         name, state = rt.begin_call(args, kwargs, getattr(module, "dtype", None))
         latents = rt.argument(rt.adapter.latent_argument, args, kwargs)

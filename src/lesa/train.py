@@ -21,7 +21,7 @@ import inspect
 import json
 import math
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -32,14 +32,17 @@ from tqdm.auto import tqdm
 
 from . import disable, distributed, enable
 from .adapters import get_adapter
-from .calibrate import fit_damping, fit_linear, forecast_errors, refine_schedule, search_schedule
+from .calibrate import damping_cycles, fit_damping, fit_linear, forecast_errors, refine_schedule, search_schedule
+from .checkpoint import load_checkpoint, refuse_pickles, save_checkpoint
+from .checks import check_numbers
 from .config import CacheConfig, FORAConfig, LESAConfig, LinearForecastConfig, TaylorSeerConfig
 from .correction import DEFAULT_CYCLES, DEFAULT_STRENGTH, first_cycles
-from .io import atomic_path, atomic_write_text
-from .predictor import LESAPredictor, PredictorConfig
+from .io import atomic_write_text
+from .predictor import LESAPredictor, PredictorConfig, check_predictor_dir
 from .record import Recording, call_kwargs, pipeline_output
 from .runtime import StepEvent, get_runtime
 from .schedule import StepSchedule
+from .trajectories import Trajectories, check_disjoint, stderr_notice, training_trajectories
 
 PHASES = ("gt", "clar")
 # allowed values of TrainConfig's string options (the CLI offers the same)
@@ -92,7 +95,7 @@ class TrainConfig:
     epochs_clar: int = 10
     lr_gt: float = 1e-3
     lr_clar: float = 3e-3
-    lr_min: float = 1e-4
+    lr_min: float = 1e-4  # floor of every phase's cosine schedule: 0 decays to zero; the peaks must be > 0
     weight_decay: float = 1e-4
     # decoupled decay toward the predictor's start instead of toward zero (a trust region around a calibrated start):
     # after each update every weight moves lr * anchor of its way back to its starting value; 0: off
@@ -138,6 +141,17 @@ class TrainConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        # numbers first: a NaN learning rate or a batch of 0 would only fail (or silently train nothing) hours in
+        peaks = [("lr_gt", self.lr_gt), ("lr_clar", self.lr_clar), ("lr_correction", self.lr_correction)]
+        check_numbers([*peaks, ("grad_clip", self.grad_clip)], 0, above=True)
+        floors = [("lr_min", self.lr_min), ("weight_decay", self.weight_decay), ("anchor", self.anchor)]
+        counts = [("epochs_gt", self.epochs_gt), ("epochs_clar", self.epochs_clar), ("warmup", self.warmup)]
+        strength = [("correction_start", self.correction_start), ("correction_cycles", self.correction_cycles)]
+        check_numbers([*floors, *counts, *strength], 0)
+        sizes = [("batch_size", self.batch_size), ("seeds", self.seeds), ("interval", self.interval)]
+        widths = [("history", self.history), *(("windows", k) for k in self.windows)]
+        check_numbers([*sizes, *widths, *(("kan_hidden", w) for w in self.kan_hidden)], 1)
+        check_numbers(("thresholds", t) for t in self.thresholds or ())
         unknown = [p for p in self.phases if p not in PHASES]
         if unknown or not self.phases:
             raise ValueError(f"unknown phase(s) {unknown or self.phases}; phases are {', '.join(PHASES)}")
@@ -153,19 +167,12 @@ class TrainConfig:
             )
         if not 0 <= self.val_fraction < 1:  # 0: train on every trajectory (needs a validation recording)
             raise ValueError(f"val_fraction must lie in [0, 1), got {self.val_fraction}")
-        if self.anchor < 0:
-            raise ValueError(f"anchor must be >= 0, got {self.anchor}")
         if self.loss_cycles < 0 or (self.loss_cycles and self.loss != "final"):
             raise ValueError(f"loss_cycles must be >= 0 and needs loss 'final', got {self.loss_cycles} / {self.loss!r}")
         if self.correction not in (True, False, "auto"):
             raise ValueError(f"correction must be true, false or 'auto', got {self.correction!r}")
         if self.correction and self.loss != "final":
             raise ValueError(f"a learned correction trains on the final latent: needs loss 'final', got {self.loss!r}")
-        if self.correction_cycles < 0 or self.lr_correction <= 0:
-            raise ValueError(
-                f"correction_cycles must be >= 0 and lr_correction > 0, got {self.correction_cycles} / "
-                f"{self.lr_correction}"
-            )
 
     def fingerprint(self) -> dict[str, Any]:
         """What a checkpoint must share with the run that resumes it."""
@@ -218,9 +225,13 @@ def split_indices(n: int, val_fraction: float, groups: Sequence[str] | None = No
     return sorted(i for m in order[n_val:] for i in m), sorted(i for m in order[:n_val] for i in m)
 
 
-def check_validation_recording(train: Recording, val: Recording) -> None:
+def check_validation_recording(train: Recording, val: Recording, notice: Callable[[str], None] = stderr_notice) -> None:
     """Raise a ValueError unless `val` can validate predictors trained on `train`: the same model, sampler settings,
-    sigmas, contexts and tensor shapes, and none of `train`'s prompts (a prompt trained on would not be held out)."""
+    sigmas, contexts and tensor shapes, and none of `train`'s trajectories (one trained on would not be held out);
+    `notice` one line when some start from the initial noise of a training trajectory of another prompt.
+
+    Trajectories, not prompt strings, are compared (`lesa.trajectories`): a class-conditional model's prompts repeat
+    with other seeds, and a reworded prompt with a training trajectory's seed is another string."""
     where = f"validation recording {val.dir} (for {train.dir})"
     for key in sorted({*train.settings, *val.settings} - {"seed"}):  # the noise seed may differ
         if train.settings.get(key) != val.settings.get(key):
@@ -231,12 +242,15 @@ def check_validation_recording(train: Recording, val: Recording) -> None:
     for name in ("sigmas", "contexts", "shapes"):
         if getattr(train, name) != getattr(val, name):
             raise ValueError(f"{where}: its {name} differ from the training recording's")
-    shared = sorted({e["prompt"] for e in train.entries} & {e["prompt"] for e in val.entries})
-    if shared:
-        raise ValueError(
-            f"{where}: {len(shared)} prompt(s) are also in the training recording, e.g. {shared[0]!r}; validation "
-            "needs prompts that are not trained on"
-        )
+    check_disjoint(
+        Trajectories.of(val),
+        [Trajectories.of(train)],
+        where,
+        "the training recording",
+        "validation needs trajectories that are not trained on",
+        "seed base (`lesa record --seed`)",
+        notice,
+    )
 
 
 def cosine_lr(peak: float, floor: float, t: int, total: int) -> float:
@@ -274,6 +288,7 @@ class Trainer:
         self.val_rec = validation
         self.pipe = pipe
         self.out = Path(out_dir)
+        check_predictor_dir(self.out)  # before any work: the predictor is saved there at the end
         self.base = config  # as given: its correction may be "auto"; self.cfg is the variant being trained
         self.cfg = config if config.correction != "auto" else replace(config, correction=True)
         self.dist = distributed.current()
@@ -304,7 +319,7 @@ class Trainer:
                 raise ValueError("val_fraction 0 holds nothing out: give a validation recording (--val-data)")
             self.train_idx, self.val_idx = split_indices(len(recording), config.val_fraction, prompts)
         else:
-            check_validation_recording(recording, validation)
+            check_validation_recording(recording, validation, stderr_notice if self.dist.is_main else _quiet)
             # a val_fraction still leaves that split of the recording out of training (e.g. when the validation
             # prompts describe its scenes afresh); it is not scored either
             train = split_indices(len(recording), config.val_fraction, prompts)[0] if config.val_fraction else None
@@ -512,9 +527,9 @@ class Trainer:
         """What a schedule search and the choices kept after it depend on (a saved search is reused only under the
         same settings)."""
         key = {k: getattr(self.cfg, k) for k in ("interval", "warmup", "val_fraction", "schedule")}
-        key.update(search_trajectories=SEARCH_TRAJECTORIES, recording=str(self.rec.dir), steps=self.num_steps)
+        key.update(search_trajectories=SEARCH_TRAJECTORIES, recording=self.rec.fingerprint, steps=self.num_steps)
         if self.val_rec is not None:
-            key["validation"] = str(self.val_rec.dir)
+            key["validation"] = self.val_rec.fingerprint
         if self.base.correction == "auto":
             key["correction"] = "auto"
         return key
@@ -580,10 +595,10 @@ class Trainer:
     def damping(self) -> float:
         """TaylorSeer O1's damping g fitted on the training trajectories (closed-form least squares); 1 when no
         cached step has two full steps before it (a few-step schedule: every forecast is then the last feature)."""
-        try:
-            return fit_damping(self.rec, self.schedule, self.train_idx)
-        except ValueError:
+        # decided from the schedule, not by catching fit_damping's ValueError: that also means a corrupt shard
+        if not damping_cycles(self.schedule, self.num_steps):
             return 1.0
+        return fit_damping(self.rec, self.schedule, self.train_idx)
 
     def _update(
         self,
@@ -884,22 +899,27 @@ class Trainer:
     def score(self, predictor: LESAPredictor) -> dict[str, float]:
         return self.closed_loop_error(LESAConfig(predictor=predictor, count_flops=False))
 
+    def fingerprint(self) -> dict[str, Any]:
+        """What a checkpoint must share with the run that resumes it: the settings of the variant being trained and
+        the content of the recordings it trains and validates on (other data under the same path is other data)."""
+        validation = None if self.val_rec is None else self.val_rec.fingerprint
+        return {**self.cfg.fingerprint(), "data": self.rec.fingerprint, "validation_data": validation}
+
     # -- one seed, resumable -----------------------------------------------------------------------------------------
     def train_seed(self, seed: int, variant: str | None = None) -> dict[str, Any]:
         """Train one seed on the current schedule and correction (`variant`: their name when `run` trains several,
         which keeps its checkpoints apart from the others')."""
         slug = None if variant is None else variant.replace(",", "").replace(" ", "-")
-        name = f"seed{seed}.pt" if slug is None else f"{slug}-seed{seed}.pt"
-        ckpt_path = self.out / "checkpoints" / name
+        name = f"seed{seed}" if slug is None else f"{slug}-seed{seed}"
+        ckpt_path = self.out / "checkpoints" / f"{name}.safetensors"
+        distributed.on_main(lambda: refuse_pickles(ckpt_path.parent, f"{name}.pt"))
         predictor = self.new_predictor(seed)
         distributed.broadcast_parameters(predictor)  # bit-identical replicas from the start, whatever the phase
         # what --anchor pulls toward (kept in the optimiser state, so a resumed run pulls toward the same start)
         anchor = {"anchor": [p.detach().clone() for p in predictor.parameters()]} if self.cfg.anchor else {}
-        fingerprint = self.cfg.fingerprint()
+        fingerprint = self.fingerprint()
         # rank 0 reads the checkpoint and hands it to every rank: the replicas resume from the same state
-        ckpt = distributed.on_main(
-            lambda: torch.load(ckpt_path, map_location="cpu", weights_only=False) if ckpt_path.exists() else None
-        )
+        ckpt = distributed.on_main(lambda: load_checkpoint(ckpt_path) if ckpt_path.exists() else None)
         if ckpt is not None:
             # a setting added since the checkpoint was written counts as its default, the behaviour from before it
             saved = {**TrainConfig().fingerprint(), **ckpt["fingerprint"]}
@@ -971,8 +991,7 @@ class Trainer:
 
     def _save_checkpoint(self, path: Path, ckpt: dict) -> None:
         if self.dist.is_main:
-            with atomic_path(path) as tmp:
-                torch.save(ckpt, tmp)
+            save_checkpoint(path, ckpt)
 
     def _check_replicas(self, predictor: LESAPredictor, where: str) -> None:
         """Every rank must hold bit-identical weights after an epoch (cheap: one broadcast of the weights)."""
@@ -1058,6 +1077,10 @@ class Trainer:
             "validation": baselines,
             "train_trajectories": len(self.train_idx),
             "val_trajectories": len(self.val_idx),
+            # what `lesa bench` checks its evaluation trajectories against (`trajectories.training_trajectories`)
+            "training_trajectories": training_trajectories(
+                self.settings, map(self._trajectory, self.train_idx), map(self._trajectory, self.val_idx)
+            ),
             "start": self.start,
             "candidates": trained,
             "validation_recording": None if self.val_rec is None else str(self.val_rec.dir),
@@ -1068,8 +1091,9 @@ class Trainer:
         if len(set(replicas)) != 1:
             raise RuntimeError(f"the ranks ended with different predictor weights (digests {replicas})")
         if self.dist.is_main:
-            predictor.save_pretrained(self.out, card=model_card(predictor, summary, self.rec))
-            atomic_write_text(self.out / "training_log.json", json.dumps(summary, indent=1, default=str) + "\n")
+            log = json.dumps(summary, indent=1, default=str) + "\n"
+            card = model_card(predictor, summary, self.rec)
+            predictor.save_pretrained(self.out, card=card, files={"training_log.json": log})
         distributed.barrier()  # no rank returns before the predictor is on disk
         for name, v in baselines.items():
             self.log(f"validation {name}: latent MSE {v['mse']:.3e}, PSNR {v['psnr']:.2f} dB")

@@ -266,11 +266,10 @@ def _normalise(text: str) -> str:
     return re.sub(r"\b(" + "|".join(_SYNONYMS) + r")\b", lambda m: _SYNONYMS[m.group(1)], text)
 
 
-def parse_caption(text: str) -> Scene:
-    """The scene a caption describes; inverts every template of `caption`.
+def caption_scene(text: str) -> Scene | None:
+    """The scene a caption describes, None when no template of `caption` matches it (`parse_caption` raises).
 
-    Case-insensitive and tolerant of extra spaces, "an"/"a", "grey" and "centre". Raises ValueError naming the
-    caption when no template matches.
+    Case-insensitive and tolerant of extra spaces, "an"/"a", "grey" and "centre".
     """
     normalised = _normalise(text)
     for regex in _TEMPLATE_REGEXES:
@@ -279,7 +278,16 @@ def parse_caption(text: str) -> Scene:
             fields = match.groupdict()
             phrase = fields.get("pos") or fields["where"]
             return Scene(fields["shape"], fields["colour"], fields["size"], _PHRASE_POSITION[phrase], fields["bg"])
-    raise ValueError(f"cannot parse caption {text!r}")
+    return None
+
+
+def parse_caption(text: str) -> Scene:
+    """The scene a caption describes; inverts every template of `caption` (see `caption_scene`). Raises ValueError
+    naming the caption when no template matches."""
+    scene = caption_scene(text)
+    if scene is None:
+        raise ValueError(f"cannot parse caption {text!r}")
+    return scene
 
 
 # ----------------------------------------------------------------------------------------------------------- splits

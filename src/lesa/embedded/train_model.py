@@ -22,7 +22,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..io import atomic_path, atomic_write_text
+from ..checkpoint import load_checkpoint, refuse_pickles, save_checkpoint
+from ..io import atomic_write_text
 from .checker import score
 from .loading import SHIPPED_DIR, new_pipeline, save_shipped
 from .pipeline import encode_text, image_ids, pack, predict_velocity
@@ -150,7 +151,8 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    ckpt_path = out / "checkpoint.pt"
+    ckpt_path = out / "checkpoint.safetensors"
+    refuse_pickles(out, "checkpoint.pt")
     pipe = new_pipeline(args.seed)
     pipe.set_progress_bar_config(disable=True)
     model, caption_features = pipe.transformer, CaptionFeatures(pipe.text_encoder, pipe.tokenizer)
@@ -166,7 +168,7 @@ def main(argv: list[str] | None = None) -> None:
     generator = torch.Generator().manual_seed(args.seed)
     step, log, seconds = 0, [], 0.0
     if ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        ckpt = load_checkpoint(ckpt_path)
         changed = [k for k in RUN_DEFINING if k in ckpt["args"] and ckpt["args"][k] != getattr(args, k)]
         if changed:  # resuming would silently mix two runs (two lr schedules, two losses, two starts)
             was = ", ".join(f"--{k.replace('_', '-')} {ckpt['args'][k]}" for k in changed)
@@ -241,8 +243,7 @@ def main(argv: list[str] | None = None) -> None:
                 "args": vars(args),
                 "seconds": seconds + time.perf_counter() - start,
             }
-            with atomic_path(ckpt_path) as tmp:
-                torch.save(state, tmp)
+            save_checkpoint(ckpt_path, state)
     bar.close()
     if step < args.steps:
         print(f"stopped at step {step} of {args.steps}; rerun to continue from {ckpt_path}")

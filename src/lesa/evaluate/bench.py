@@ -1,6 +1,8 @@
 """`lesa bench`: quality against speed for LESA and its baselines, at matched full-step budgets, on one pipeline.
 
-Per prompt i (seed i) the unaccelerated image is the reference; every method then generates from the same seed.
+Per prompt i (seed `--seed` + i) the unaccelerated image is the reference; every method then generates from the same
+seed. Evaluation trajectories (model, settings, prompt, seed: `lesa.trajectories`) that are fitting trajectories are
+refused; those a predictor was trained or selected on, or that share a fitting trajectory's noise, are noticed.
 Work is counted by one meter for every method (`work.py`); wall-clock speed-up comes from a separate pass in which
 the methods are interleaved (rotating order) over several repeats and the median is taken.
 """
@@ -22,8 +24,10 @@ import torch
 from tqdm.auto import tqdm
 
 from ..adapters import get_adapter
+from ..checks import check_numbers
 from ..io import atomic_path, atomic_write_text
 from ..record import Recording, read_prompts, record
+from ..trajectories import Pair, Trajectories, check_disjoint, describe, overlap, stderr_notice
 from .methods import (
     FAMILIES,
     NEEDS_FIT_DATA,
@@ -37,6 +41,8 @@ from .methods import (
     searched_method,
 )
 from .work import GenerationWork, WorkMeter, trunk_executions
+
+FIT_SEED = 0  # the seed base of --fit-prompts' trajectories: `lesa record`'s default
 
 
 @dataclass
@@ -57,6 +63,7 @@ class BenchConfig:
     repeats: int = 3
     timing_prompts: int = 4
     limit: int | None = None
+    seed: int = 0  # evaluation prompt i uses seed + i
     guidance_scale: float | None = None
     height: int | None = None
     width: int | None = None
@@ -70,6 +77,12 @@ class BenchConfig:
         for name in ("repeats", "timing_prompts", "steps"):
             if getattr(self, name) < 1:  # checked here, not after the hour of generation that precedes timing
                 raise ValueError(f"bench {name} must be at least 1, got {getattr(self, name)}")
+        # a limit of 0 would bench nothing; a negative one would silently drop prompts from the end
+        counts = [("limit", self.limit), ("fit_count", self.fit_count), ("search_prompts", self.search_prompts)]
+        sizes = [("height", self.height), ("width", self.width), *(("intervals", n) for n in self.intervals)]
+        check_numbers([*counts, ("search_iterations", self.search_iterations), *sizes], 1)
+        check_numbers([("warmup", self.warmup)], 0)
+        check_numbers([("guidance_scale", self.guidance_scale)])
 
 
 def mean_se(values: list[float]) -> tuple[float, float]:
@@ -96,6 +109,17 @@ class Bench:
         self.pipe = load_pipeline(cfg.model, cfg.device, cfg.dtype)
         self.pipe.set_progress_bar_config(disable=True)
         self.device = str(self.pipe.transformer.device)
+        # the settings of every trajectory the bench generates, as `lesa record` would store them
+        self.settings: dict[str, Any] = {
+            "model": self.model,
+            "model_class": type(self.pipe.transformer).__name__,
+            "steps": cfg.steps,
+            "height": cfg.height,
+            "width": cfg.width,
+            "guidance_scale": cfg.guidance_scale,
+        }
+        self.evaluated = Trajectories(self.settings, [(p, cfg.seed + i) for i, p in enumerate(self.prompts)])
+        self.overlap: dict[str, Any] = {}  # results.json's `trajectory_overlap`
         blocks = [b for _, b in get_adapter(self.pipe.transformer).trunk_blocks(self.pipe.transformer)]
         self.meter = WorkMeter(self.pipe.transformer, blocks)
         self.notices: list[str] = []
@@ -104,7 +128,7 @@ class Bench:
 
     def notice(self, text: str) -> None:
         self.notices.append(text)
-        self.log(f"notice: {text}")
+        stderr_notice(text)
 
     # -- generation --------------------------------------------------------------------------------------------------
     def kwargs(self) -> dict[str, Any]:
@@ -133,39 +157,79 @@ class Bench:
         return image, work
 
     # -- fitting data -------------------------------------------------------------------------------------------------
-    def fitting(self) -> tuple[Recording | None, list[str]]:
-        """The recording calibrated baselines are fitted on, and the prompts thresholds are searched on."""
+    def fitting(self) -> tuple[Recording | None, list[Pair]]:
+        """The recording calibrated baselines are fitted on, and the fitting trajectories (prompt, seed) thresholds
+        are searched on: --fit-data's recorded ones, or --fit-prompts' at `lesa record`'s seeds (prompt i: seed i).
+        Evaluation trajectories among them are refused, before anything is recorded."""
         cfg = self.cfg
         if cfg.fit_data:
-            rec = Recording(cfg.fit_data)
-            prompts = [e["prompt"] for e in rec.entries]
+            rec: Recording | None = Recording(cfg.fit_data)
+            fitted = Trajectories.of(rec)
+            source = f"the fitting recording {cfg.fit_data}"
         elif cfg.fit_prompts:
-            prompts = read_prompts(cfg.fit_prompts)[: cfg.fit_count]
             rec = None
-            if any(m in NEEDS_FIT_DATA for m in cfg.methods):
-                target = self.out / "fit-data"
-                self.log(f"recording {len(prompts)} fitting trajectories into {target}")
-                record(
-                    self.pipe,
-                    prompts,
-                    target,
-                    model=self.model,
-                    steps=cfg.steps,
-                    height=cfg.height,
-                    width=cfg.width,
-                    guidance_scale=cfg.guidance_scale,
-                    log=self.log,
-                )
-                rec = Recording(target)
+            prompts = read_prompts(cfg.fit_prompts)[: cfg.fit_count]
+            fitted = Trajectories(self.settings, [(p, FIT_SEED + i) for i, p in enumerate(prompts)])
+            source = f"the fitting prompts {cfg.fit_prompts}"
         else:
             return None, []
-        overlap = sorted(set(prompts) & set(self.prompts))
-        if overlap:
-            raise ValueError(
-                f"{len(overlap)} evaluation prompt(s) are also fitting prompts (e.g. {overlap[0]!r}); the evaluation "
-                "prompts must be disjoint from every prompt used for fitting or training"
+        pairs = list(fitted.pairs)
+        # the threshold searches generate the first fitting trajectories again, at the bench's settings
+        searched = pairs[: cfg.search_prompts] if any(m in SEARCHED for m in cfg.methods) else []
+        self.overlap["fitting_same_noise"] = check_disjoint(
+            self.evaluated,
+            [fitted, Trajectories(self.settings, searched)],
+            f"evaluation prompts {cfg.prompts} (seed {cfg.seed} + i)",
+            source,
+            "the evaluation must not be fitted on",
+            "--seed",
+            self.notice,
+        )
+        if cfg.fit_prompts and any(m in NEEDS_FIT_DATA for m in cfg.methods):
+            target = self.out / "fit-data"
+            self.log(f"recording {len(pairs)} fitting trajectories into {target}")
+            record(
+                self.pipe,
+                [p for p, _ in pairs],
+                target,
+                model=self.model,
+                steps=cfg.steps,
+                height=cfg.height,
+                width=cfg.width,
+                seed=FIT_SEED,
+                guidance_scale=cfg.guidance_scale,
+                log=self.log,
             )
-        return rec, prompts
+            rec = Recording(target)
+        return rec, pairs
+
+    def predictor_overlap(self) -> dict[str, dict[str, int]]:
+        """Per --predictor whose training_log.json lists its trajectories (`lesa train` writes them), how many
+        evaluation trajectories it was trained on and selected on (held out), with a notice when any; predictors
+        trained before that are not checked."""
+        out = {}
+        for directory in self.cfg.predictors:
+            path = Path(directory) / "training_log.json"
+            if not path.is_file():
+                continue
+            try:
+                log = json.loads(path.read_text())
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path} is corrupted (not valid JSON: {e})") from e
+            known = log.get("training_trajectories")
+            if known is None:
+                continue
+            trained = overlap(self.evaluated, known["keys"])[0]
+            held_out = overlap(self.evaluated, known.get("held_out_keys", ()))[0]
+            out[directory] = {"trained": len(trained), "held_out": len(held_out)}
+            if trained or held_out:
+                self.notice(
+                    f"predictor {directory}: {len(trained)} of the {len(self.prompts)} evaluation trajectories are "
+                    f"its training trajectories and {len(held_out)} its held-out ones (same model, sampler settings, "
+                    f"prompt and seed), e.g. {describe((trained or held_out)[0])}; its rows are not scored on unseen "
+                    "trajectories"
+                )
+        return out
 
     # -- methods ------------------------------------------------------------------------------------------------------
     def build_methods(self) -> list[Method]:
@@ -173,8 +237,9 @@ class Bench:
         # the predictors' schedules set the budgets, with or without their own rows
         learned = lesa_methods(cfg.predictors, cfg.steps)
         schedules = bench_schedules(list(learned) or [(n, cfg.warmup, ()) for n in cfg.intervals])
-        rec, fit_prompts = self.fitting()
-        search = fit_prompts[: cfg.search_prompts]
+        self.overlap["predictors"] = self.predictor_overlap()
+        rec, fit_pairs = self.fitting()
+        search = fit_pairs[: cfg.search_prompts]
         methods: list[Method] = []
         for interval, warmup, explicit in schedules:
             budget = Budget(interval, warmup, cfg.steps, explicit)
@@ -204,25 +269,25 @@ class Bench:
                 self.log(f"fitted {m.row}: {json.dumps(shown)}")
         return methods
 
-    def _searched(self, family: str, budget: Budget, prompts: list[str]) -> Method:
+    def _searched(self, family: str, budget: Budget, pairs: list[Pair]) -> Method:
         cfg = self.cfg
         if self._search_reference is None:  # the unaccelerated call pattern, the same for every search
-            self._search_reference = self.run(None, prompts[0], 0, measure=False)[1]
+            self._search_reference = self.run(None, *pairs[0], measure=False)[1]
         reference = self._search_reference
         num_units = self.meter.num_units
 
         def executions(method: Method) -> float:
             counts = []
-            for i, prompt in enumerate(prompts):
-                work = self.run(method, prompt, i, measure=False)[1]
+            for prompt, seed in pairs:
+                work = self.run(method, prompt, seed, measure=False)[1]
                 counts.append(trunk_executions(work, reference, num_units, self.cfg.steps))
             return sum(counts) / len(counts)
 
         def fit_generate() -> None:
-            for i, prompt in enumerate(prompts):
-                self.generate(prompt, i)
+            for prompt, seed in pairs:
+                self.generate(prompt, seed)
 
-        self.log(f"searching the {family} threshold for {budget.label} on {len(prompts)} fitting prompt(s)")
+        self.log(f"searching the {family} threshold for {budget.label} on {len(pairs)} fitting prompt(s)")
         return searched_method(family, budget, self.pipe, executions, fit_generate, cfg.search_iterations)
 
     # -- the bench ----------------------------------------------------------------------------------------------------
@@ -239,12 +304,12 @@ class Bench:
         total = len(self.prompts) * (len(methods) + 1)
         samples: dict[str, np.ndarray] = {}
         with tqdm(total=total, desc="bench", unit="image") as bar:
-            for i, prompt in enumerate(self.prompts):
-                reference, ref_work = self.run(None, prompt, i, measure=i == 0)
+            for i, (prompt, seed) in enumerate(self.evaluated.pairs):
+                reference, ref_work = self.run(None, prompt, seed, measure=i == 0)
                 per_prompt["full"].append({"work": ref_work, **scorer(prompt, reference, None)})
                 bar.update(1)
                 for m in methods:
-                    image, work = self.run(m, prompt, i, measure=i == 0)
+                    image, work = self.run(m, prompt, seed, measure=i == 0)
                     per_prompt[_key(m)].append({"work": work, **scorer(prompt, image, reference)})
                     bar.update(1)
                     if i == 0:
@@ -264,20 +329,20 @@ class Bench:
     def timing(self, methods: list[Method]) -> dict[str, list[float]]:
         """Seconds per image, methods interleaved in rotating order, `repeats` times over the first prompts."""
         cfg = self.cfg
-        prompts = self.prompts[: cfg.timing_prompts]
+        pairs = self.evaluated.pairs[: cfg.timing_prompts]
         entries: list[Method | None] = [None, *methods]
         seconds: dict[str, list[float]] = {"full" if m is None else _key(m): [] for m in entries}
-        total = cfg.repeats * len(prompts) * len(entries)
+        total = cfg.repeats * len(pairs) * len(entries)
         with tqdm(total=total, desc="timing", unit="image") as bar:
             for r in range(cfg.repeats):
-                for i, prompt in enumerate(prompts):
-                    shift = (r * len(prompts) + i) % len(entries)
+                for i, (prompt, seed) in enumerate(pairs):
+                    shift = (r * len(pairs) + i) % len(entries)
                     for m in entries[shift:] + entries[:shift]:
                         if m:
                             m.enable(self.pipe)
                         try:
                             start = time.perf_counter()
-                            self.generate(prompt, i)
+                            self.generate(prompt, seed)
                             elapsed = time.perf_counter() - start
                         finally:
                             if m:
@@ -335,6 +400,7 @@ class Bench:
             },
             "n_prompts": len(self.prompts),
             "notices": self.notices,
+            "trajectory_overlap": self.overlap,
             "runs": runs,
             "rows": rows_out,
         }

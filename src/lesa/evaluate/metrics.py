@@ -359,7 +359,9 @@ class ImageRewardScore:
         ``ImageReward.load``; a ``med_config.json`` beside it is passed along so nothing is downloaded for it
         (the package may still need its BERT tokenizer in the Hugging Face cache).
 
-        Raises `MetricUnavailable` if the package is not installed, the checkpoint is missing, or loading fails.
+        Raises `MetricUnavailable` if the package is not installed or the checkpoint is missing, and a ValueError
+        if a checkpoint that is there does not load (as CLIPScore and LPIPS do: a broken file is an error, not a
+        metric to skip).
         """
         try:
             import ImageReward
@@ -380,7 +382,7 @@ class ImageRewardScore:
         try:
             model = ImageReward.load(str(path), **kwargs)
         except Exception as e:
-            raise MetricUnavailable(f"ImageReward could not load {path}: {type(e).__name__}: {e}") from e
+            raise ValueError(f"ImageReward could not load {path}: {type(e).__name__}: {e}") from e
         return cls(model)
 
     def score(self, prompt: str, image: ImageLike) -> float:

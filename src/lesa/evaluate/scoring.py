@@ -73,13 +73,17 @@ def make_scorer(cfg: Any, prompts: list[str], notice: Callable[[str], None]) -> 
 
 
 def _checker(prompts: list[str], notice: Callable[[str], None]):
+    """The embedded model's caption checker, or None (with a notice naming a prompt it cannot check) unless every
+    prompt is a caption of its scene grammar."""
     from ..embedded.checker import check_caption
-    from ..embedded.scenes import parse_caption
+    from ..embedded.scenes import caption_scene
 
-    try:
-        for p in prompts:
-            parse_caption(p)
-    except ValueError:
-        notice("prompt-following skipped: the prompts are not captions of the embedded model's scene grammar")
+    # checked up front, not by catching a ValueError from the checker, which could stand for any error
+    unparsed = [p for p in prompts if caption_scene(p) is None]
+    if unparsed:
+        notice(
+            f"prompt-following skipped: {len(unparsed)} of the {len(prompts)} prompts are not captions of the "
+            f"embedded model's scene grammar, e.g. {unparsed[0]!r}"
+        )
         return None
     return check_caption

@@ -2,7 +2,7 @@
 
 from .experts import StageExpert, pad_window, stage_of
 from .kan import KAN, KANLinear, bspline_bases, uniform_knots
-from .model import LESAPredictor, PredictorConfig, forecast_flops
+from .model import LESAPredictor, PredictorConfig, check_predictor_dir, forecast_flops
 
 __all__ = [
     "KAN",
@@ -11,6 +11,7 @@ __all__ = [
     "PredictorConfig",
     "StageExpert",
     "bspline_bases",
+    "check_predictor_dir",
     "forecast_flops",
     "pad_window",
     "stage_of",

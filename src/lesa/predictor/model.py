@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save_file
 from torch import nn
 
-from ..io import atomic_path, atomic_write_text
+from ..io import atomic_path, atomic_write_text, file_sha256
 from ..schedule import StepSchedule
 from .experts import StageExpert, pad_window, stage_of
 
@@ -18,6 +21,10 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 CARD_NAME = "README.md"
 FORMAT_VERSION = 1
+# config.json keys beside the PredictorConfig fields: the class (as diffusers' "_class_name") and the weights' SHA-256
+CLASS_KEY = "_class_name"
+CHECKSUM_KEY = "_checksums"
+_CARD_MARKS = ("library_name: lesa", "# LESA predictor")
 
 
 @dataclass
@@ -86,20 +93,28 @@ class PredictorConfig:
 
     @classmethod
     def from_dict(cls, data: dict, source: str = "config") -> PredictorConfig:
+        """The config a saved config.json (`source`) describes. Every field that changes what the predictor computes
+        is required: a default filled in silently (e.g. interval 7 for a predictor trained at 10) would run the
+        weights as another predictor. Only the informational `base_model` and `format_version` may be absent."""
+        if not isinstance(data, dict):
+            raise ValueError(f"{source}: a JSON object expected, got {type(data).__name__}")
         known = {f.name for f in fields(cls)}
-        missing = [
-            f.name
-            for f in fields(cls)
-            if f.name in ("model_class", "tap", "num_steps", "sigmas", "feature_dim") and f.name not in data
-        ]
+        missing = [name for name in sorted(known - set(_INFORMATIONAL_FIELDS)) if name not in data]
         if missing:
             raise ValueError(f"{source}: missing required field(s) {missing}")
         version = data.get("format_version", FORMAT_VERSION)
-        if version > FORMAT_VERSION:
+        if not isinstance(version, int) or version > FORMAT_VERSION:
             raise ValueError(
-                f"{source}: format_version {version} is newer than this lesa understands ({FORMAT_VERSION})"
+                f"{source}: format_version {version!r} is not one this lesa understands (1..{FORMAT_VERSION})"
             )
-        return cls(**{k: v for k, v in data.items() if k in known})
+        try:
+            return cls(**{k: v for k, v in data.items() if k in known})
+        except (TypeError, ValueError) as e:  # a field of the wrong kind or value: name the file it came from
+            raise ValueError(f"{source}: {e}") from e
+
+
+# fields of PredictorConfig that do not change what a predictor computes (the rest are required in a config.json)
+_INFORMATIONAL_FIELDS = ("base_model", "format_version")
 
 
 class LESAPredictor(nn.Module):
@@ -260,16 +275,23 @@ class LESAPredictor(nn.Module):
         return self.forecast(history, context, step, sigmas)
 
     # -- persistence ----------------------------------------------------------------------------------------------
-    def save_pretrained(self, directory: str | Path, card: str | None = None) -> None:
-        """Write config.json, model.safetensors (fp32) and, if given, a README.md model card, each atomically."""
+    def save_pretrained(
+        self, directory: str | Path, card: str | None = None, files: dict[str, str] | None = None
+    ) -> None:
+        """Write model.safetensors (fp32), a README.md model card and the text `files` (name: content) if given, then
+        config.json, each atomically. config.json comes last and names the weights' SHA-256, so a save interrupted
+        part-way leaves either no config.json or one that `from_pretrained` finds does not match the weights."""
         directory = Path(directory)
+        check_predictor_dir(directory)
         directory.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().float().contiguous().cpu() for k, v in self.state_dict().items()}
         with atomic_path(directory / WEIGHTS_NAME) as tmp:
             save_file(tensors, str(tmp), metadata={"format": "pt", "lesa_format_version": str(FORMAT_VERSION)})
-        atomic_write_text(directory / CONFIG_NAME, json.dumps(asdict(self.config), indent=2) + "\n")
-        if card is not None:
-            atomic_write_text(directory / CARD_NAME, card)
+            digest = file_sha256(tmp)
+        for name, text in {**({CARD_NAME: card} if card is not None else {}), **(files or {})}.items():
+            atomic_write_text(directory / name, text)
+        config = {CLASS_KEY: type(self).__name__, **asdict(self.config), CHECKSUM_KEY: {WEIGHTS_NAME: digest}}
+        atomic_write_text(directory / CONFIG_NAME, json.dumps(config, indent=2) + "\n")
 
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> LESAPredictor:
@@ -282,12 +304,15 @@ class LESAPredictor(nn.Module):
             if not f.is_file():
                 raise FileNotFoundError(f"predictor directory {directory} has no {f.name}")
         try:
-            data = json.loads(config_file.read_text())
-        except json.JSONDecodeError as e:
+            data = json.loads(config_file.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"{config_file} is not valid JSON: {e}") from e
+        if not isinstance(data, dict):
+            raise ValueError(f"{config_file} is not valid JSON: a JSON object was expected")
         model = cls(PredictorConfig.from_dict(data, source=str(config_file)))
+        raw = weights_file.read_bytes()
         try:
-            state = load_file(str(weights_file))
+            state = load_safetensors(raw)
         except Exception as e:  # safetensors raises several types for damaged files
             raise ValueError(f"{weights_file} is not a readable safetensors file: {e}") from e
         expected = model.state_dict()
@@ -305,6 +330,14 @@ class LESAPredictor(nn.Module):
                 )
             if not torch.isfinite(tensor).all():
                 raise ValueError(f"{weights_file}: tensor {key} holds NaN or inf")
+        # after the checks above, which name the tensor at fault when they can; artefacts saved before checksums
+        # were recorded have none to compare
+        expected_digest = (data.get(CHECKSUM_KEY) or {}).get(WEIGHTS_NAME)
+        if expected_digest is not None and hashlib.sha256(raw).hexdigest() != expected_digest:
+            raise ValueError(
+                f"{weights_file} does not match {config_file}: its SHA-256 differs from the one the config records "
+                "(the files of two different saves, e.g. an interrupted save, or damaged weights); save it again"
+            )
         model.load_state_dict(state)
         return model.eval()
 
@@ -334,6 +367,42 @@ class LESAPredictor(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+def is_predictor_config(path: Path) -> bool:
+    """Whether `path` is a config.json that lesa wrote for a predictor (with or without the class key of newer
+    saves)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    if not isinstance(data, dict):
+        return False
+    return data.get(CLASS_KEY) == "LESAPredictor" or {"model_class", "tap", "num_steps", "sigmas"} <= data.keys()
+
+
+def check_predictor_dir(directory: str | Path) -> None:
+    """Refuse a directory where saving a predictor would replace files that are not a lesa predictor's: a
+    config.json of something else, or a README.md or model.safetensors there without a predictor's config.json."""
+    directory = Path(directory)
+    config = directory / CONFIG_NAME
+    if config.exists():
+        if is_predictor_config(config):
+            return
+        raise ValueError(f"{config} is not a lesa predictor's config; saving a predictor there would replace it")
+    # without a config.json: the files of a save interrupted before it, or somebody else's
+    card = directory / CARD_NAME
+    if card.exists() and not any(mark in card.read_text(errors="replace")[:300] for mark in _CARD_MARKS):
+        raise ValueError(f"{card} is not a lesa model card; saving a predictor there would replace it")
+    weights = directory / WEIGHTS_NAME
+    if weights.exists():
+        try:
+            with safe_open(str(weights), framework="pt") as f:
+                ours = "lesa_format_version" in (f.metadata() or {})
+        except Exception:  # safetensors raises several types for foreign or damaged files
+            ours = False
+        if not ours:
+            raise ValueError(f"{weights} is not a lesa predictor's weights; saving a predictor there would replace it")
 
 
 def forecast_flops(window: int, numel: int) -> int:
