@@ -23,7 +23,7 @@ from lesa.train import split_indices
 
 def validation_prompts(prompts: list[str], per_prompt: int, val_fraction: float = 0.2, seed: int = 0) -> list[str]:
     """`per_prompt` captions of each scene of `prompts`' held-out split, scene-major, in a seeded draw; none is
-    verbatim one of `prompts` (`lesa bench` refuses evaluation prompts that are also fitting prompts)."""
+    verbatim one of `prompts` (from the same seed, that would be a trajectory trained on)."""
     _, held_out = split_indices(len(prompts), val_fraction, prompts)
     rng = np.random.default_rng([seed, 3])
     taken = set(prompts)

@@ -118,7 +118,7 @@ def test_a_checkpoint_of_other_data_is_not_resumed(pipe, recording, tmp_path):
     manifest = json.loads((other / "manifest.json").read_text())
     manifest["entries"] = manifest["entries"][:-1]
     (other / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(ValueError, match=r"made with other settings \(data\)"):
+    with pytest.raises(ValueError, match=r"made with other settings \(data: the --data recording's content differs\)"):
         Trainer(Recording(other), pipe, out, QUICK, **QUIET).train_seed(0)
 
 

@@ -18,7 +18,7 @@ def test_validation_prompts_are_fresh_captions_of_the_held_out_scenes() -> None:
     train_idx, held_idx = split_indices(len(prompts), 0.2, prompts)
     lines = validation.validation_prompts(prompts, per_prompt=4)
     assert len(lines) == 4 * len(held_idx)
-    assert not set(lines) & set(prompts)  # never verbatim a recorded prompt (lesa bench refuses those)
+    assert not set(lines) & set(prompts)  # never verbatim a recorded prompt (from its seed: the same trajectory)
     held_scenes = [scenes.parse_caption(prompts[i]) for i in held_idx]
     # scene-major: each held-out scene in the split's order, per_prompt times, and no training scene
     assert [scenes.parse_caption(line) for line in lines] == [s for s in held_scenes for _ in range(4)]

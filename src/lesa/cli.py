@@ -527,8 +527,26 @@ def _bench(args) -> int:
     return 0 if results["rows"] else 1
 
 
+# config fields whose option is not named after them
+_FIELD_OPTIONS = {"epochs_gt": "epochs", "dtype": "record_dtype"}
+
+
+def _in_option_terms(parser: argparse.ArgumentParser, command: str, message: str) -> str:
+    """A library check's "FIELD must be ..." as "--OPTION must be ...", where FIELD is set by an option of `command`
+    (the user typed the option, not the config field)."""
+    field, sep, rest = message.partition(" must be ")
+    field = field.removeprefix("bench ")
+    if not sep or " " in field:
+        return message
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+    options = {a.dest: a.option_strings[0] for a in sub._actions if a.option_strings}
+    option = options.get(_FIELD_OPTIONS.get(field, field))
+    return f"{option} must be {rest}" if option else message
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
     handlers = {"record": _record, "train": _train, "generate": _generate, "bench": _bench, "ensemble": _ensemble}
     try:
         return handlers[args.command](args)
@@ -536,7 +554,8 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("LESA_DEBUG"):
             raise
         rank = os.environ.get("RANK") if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
-        print(f"lesa {args.command}{f' (rank {rank})' if rank else ''}: error: {e}", file=sys.stderr)
+        message = _in_option_terms(parser, args.command, str(e)) if isinstance(e, ValueError) else str(e)
+        print(f"lesa {args.command}{f' (rank {rank})' if rank else ''}: error: {message}", file=sys.stderr)
         return 2
     finally:
         from .distributed import shutdown

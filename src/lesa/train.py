@@ -924,7 +924,12 @@ class Trainer:
             # a setting added since the checkpoint was written counts as its default, the behaviour from before it
             saved = {**TrainConfig().fingerprint(), **ckpt["fingerprint"]}
             if saved != fingerprint:
-                diff = [k for k in {**saved, **fingerprint} if saved.get(k) != fingerprint.get(k)]
+                recordings = {"data": "the --data recording", "validation_data": "the --val-data recording"}
+                diff = [
+                    f"{k}: {recordings[k]}'s content differs" if k in recordings else k
+                    for k in {**saved, **fingerprint}
+                    if saved.get(k) != fingerprint.get(k)
+                ]
                 raise ValueError(
                     f"{ckpt_path} was made with other settings ({', '.join(diff)}); "
                     f"train into another --out or pass --restart"
@@ -1054,7 +1059,7 @@ class Trainer:
         baselines[f"TaylorSeer O1 damped (g {self.damping:.3f})"] = self.baseline_error(damped)
         if self.schedule.searched:
             uniform = StepSchedule(self.cfg.interval, self.cfg.warmup)
-            g = fit_damping(self.rec, uniform, self.train_idx)
+            g = fit_damping(self.rec, uniform, self.train_idx) if damping_cycles(uniform, self.num_steps) else 1.0
             damped = TaylorSeerConfig(
                 order=1, damping=g, interval=uniform.interval, warmup=uniform.warmup, count_flops=False
             )
