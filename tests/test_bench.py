@@ -189,3 +189,15 @@ def test_predictors_of_one_schedule_are_seeds_of_a_row_by_directory_name(tmp_pat
     grouped = lesa_methods([str(tmp_path / n) for n in ("x", "x-seed1", "y", "z")], 20)
     rows = {key: [m.row for m in methods] for key, methods in grouped.items()}
     assert rows == {(7, 3, ()): ["LESA N=7 (x)", "LESA N=7 (x)", "LESA N=7 (y)"], (5, 3, ()): ["LESA N=5"]}
+
+
+def test_results_table_labels_ssim_as_luma():
+    """The JSON keys stay `ssim` / `ms_ssim`; what readers see says the SSIMs are on luma."""
+    from lesa.evaluate.report import results_table
+
+    row = dict(row="full compute", budget=None, seeds=1, family="full", trunk_executions=50.0, fitted={})
+    row.update(flops_speedup=1.0, wallclock_speedup=1.0, psnr=[40.0, 0.5], ssim=[0.98, 0.01], ms_ssim=[0.97, 0.01])
+    machine = dict(platform="test", python="3", torch="2", device="cpu", threads=1)
+    results = dict(rows=[row], machine=machine, model="m", n_prompts=1, config={"steps": 50}, command="c", notices=[])
+    header = next(line for line in results_table(results).splitlines() if line.startswith("| method"))
+    assert "| SSIM (luma) | MS-SSIM (luma) |" in header

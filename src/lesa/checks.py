@@ -1,4 +1,5 @@
-"""Up-front checks of numeric settings: one clear ValueError naming the setting, before any work or file write."""
+"""Up-front checks of numeric settings (one clear ValueError naming the setting, before any work or file write) and
+the error of a missing optional dependency."""
 
 from __future__ import annotations
 
@@ -22,3 +23,8 @@ def check_numbers(
     for name, value in values:
         if value is not None:
             check_number(name, value, minimum, above=above)
+
+
+class MissingDependency(ImportError):
+    """An optional dependency (one of lesa's extras) is not installed: the user's to fix, so the CLI reports it in one
+    line, where any other ImportError is a bug and keeps its traceback."""

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .checks import check_numbers
+from .checks import MissingDependency, check_numbers
 from .evaluate.methods import FAMILIES
 from .train import CHOICES, DEFAULT_RECIPE, RECIPES
 
@@ -550,7 +550,7 @@ def main(argv: list[str] | None = None) -> int:
     handlers = {"record": _record, "train": _train, "generate": _generate, "bench": _bench, "ensemble": _ensemble}
     try:
         return handlers[args.command](args)
-    except (ValueError, FileNotFoundError, OSError, RuntimeError) as e:
+    except (ValueError, FileNotFoundError, OSError, RuntimeError, MissingDependency) as e:
         if os.environ.get("LESA_DEBUG"):
             raise
         rank = os.environ.get("RANK") if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None

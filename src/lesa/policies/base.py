@@ -26,3 +26,8 @@ class Policy:
     def forecast_flops(self, numel: int) -> int:
         """Floating-point operations of one forecast of a feature with `numel` elements."""
         return 0
+
+    def context_warning(self, context: str) -> str | None:
+        """Why serving cache context `context` may be off (e.g. a learned policy not trained on it), or None; the
+        runtime warns once per context."""
+        return None

@@ -73,3 +73,13 @@ class LESAPolicy(Policy):
 
     def forecast_flops(self, numel: int) -> int:
         return forecast_flops(max(self.predictor.config.windows), numel)
+
+    def context_warning(self, context: str) -> str | None:
+        """A context the predictor has no experts of is served by another's (`LESAPredictor.resolve_context`)."""
+        if context == self.context:
+            return None
+        return (
+            f"the LESA predictor was trained on cache context(s) {self.predictor.config.contexts}, not {context!r}: "
+            f"it serves {context!r} with what it learned for {self.context!r} (e.g. true CFG's uncond pass with a "
+            "predictor recorded without true CFG); record and train with this context for forecasts of its own"
+        )

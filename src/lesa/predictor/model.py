@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import tempfile
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import safe_open
@@ -16,6 +18,9 @@ from torch import nn
 from ..io import atomic_path, atomic_write_text, file_sha256
 from ..schedule import StepSchedule
 from .experts import StageExpert, pad_window, stage_of
+
+if TYPE_CHECKING:
+    from huggingface_hub import CommitInfo
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -293,16 +298,85 @@ class LESAPredictor(nn.Module):
         config = {CLASS_KEY: type(self).__name__, **asdict(self.config), CHECKSUM_KEY: {WEIGHTS_NAME: digest}}
         atomic_write_text(directory / CONFIG_NAME, json.dumps(config, indent=2) + "\n")
 
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        card: str | None = None,
+        commit_message: str = "Upload LESA predictor",
+        private: bool | None = None,
+        token: str | bool | None = None,
+        revision: str | None = None,
+        create_pr: bool = False,
+    ) -> CommitInfo:
+        """Upload the predictor to the Hugging Face Hub repo `repo_id` (created if absent) as `save_pretrained` writes
+        it, so `from_pretrained(repo_id)` loads it back. A README.md is uploaded only when `card` is given: without
+        one, a card already in the repo is kept. Returns the commit's `CommitInfo`.
+
+            >>> predictor.push_to_hub("user/lesa-flux-n7", card=card, private=True)
+        """
+        import huggingface_hub  # looked up at call time (tests replace HfApi)
+
+        api = huggingface_hub.HfApi(token=token)
+        # create_repo names the repo as the Hub resolved it (a bare name gets the user's namespace)
+        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+        with tempfile.TemporaryDirectory(prefix="lesa-push-") as tmp:
+            self.save_pretrained(tmp, card=card)
+            return api.upload_folder(
+                repo_id=repo_id,
+                folder_path=tmp,
+                commit_message=commit_message,
+                revision=revision,
+                create_pr=create_pr,
+            )
+
     @classmethod
-    def from_pretrained(cls, directory: str | Path) -> LESAPredictor:
-        """Load a predictor directory written by `save_pretrained`."""
-        directory = Path(directory)
+    def from_pretrained(
+        cls,
+        name_or_path: str | Path,
+        *,
+        revision: str | None = None,
+        cache_dir: str | Path | None = None,
+        token: str | bool | None = None,
+        local_files_only: bool = False,
+        force_download: bool = False,
+    ) -> LESAPredictor:
+        """Load a predictor written by `save_pretrained` or `push_to_hub`: a local directory or, where no such path
+        exists, a Hugging Face Hub repo id ("user/repo", a string), whose config.json and model.safetensors are
+        downloaded with `huggingface_hub.hf_hub_download` (the keyword arguments are its own; a local directory
+        ignores them). Both are checked alike: config fields, tensor names and shapes, finite values, the SHA-256.
+
+            >>> LESAPredictor.from_pretrained("runs/pred-n7")
+            >>> LESAPredictor.from_pretrained("user/lesa-flux-n7", revision="main")
+        """
+        directory = Path(name_or_path)
+        if isinstance(name_or_path, str) and not directory.exists() and is_hub_repo_id(name_or_path):
+            hub = dict(
+                revision=revision,
+                cache_dir=cache_dir,
+                token=token,
+                local_files_only=local_files_only,
+                force_download=force_download,
+            )
+            # two downloads: should the revision move between them, the SHA-256 in config.json refuses the pair
+            files = [hub_download(name_or_path, name, **hub) for name in (CONFIG_NAME, WEIGHTS_NAME)]
+            try:
+                return cls._load(*files)
+            except ValueError as e:  # the message names files in the Hub cache: say which repo, and the remedy
+                raise ValueError(
+                    f"{e} (downloaded from the Hub repo {name_or_path}; force_download=True fetches it again)"
+                ) from e
         config_file, weights_file = directory / CONFIG_NAME, directory / WEIGHTS_NAME
         if not directory.is_dir():
             raise FileNotFoundError(f"predictor directory {directory} does not exist")
         for f in (config_file, weights_file):
             if not f.is_file():
                 raise FileNotFoundError(f"predictor directory {directory} has no {f.name}")
+        return cls._load(config_file, weights_file)
+
+    @classmethod
+    def _load(cls, config_file: Path, weights_file: Path) -> LESAPredictor:
+        """The predictor of a config.json and its model.safetensors, every check passed."""
         try:
             data = json.loads(config_file.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -403,6 +477,52 @@ def check_predictor_dir(directory: str | Path) -> None:
             ours = False
         if not ours:
             raise ValueError(f"{weights} is not a lesa predictor's weights; saving a predictor there would replace it")
+
+
+def is_hub_repo_id(name: str) -> bool:
+    """Whether `name` reads as a Hugging Face Hub model repo id "namespace/name". A bare name ("pred-n7"), which the
+    Hub also accepts for its oldest repos, is taken for a local directory: a predictor repo always has an owner."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return name.count("/") == 1
+
+
+def hub_download(repo_id: str, filename: str, revision: str | None = None, **kwargs) -> Path:
+    """`filename` of the Hub repo `repo_id`, downloaded (or from the Hub cache) with `huggingface_hub.hf_hub_download`
+    and its `kwargs`; a Hub error becomes one FileNotFoundError naming the repo and what is missing."""
+    import huggingface_hub  # looked up at call time (tests replace hf_hub_download)
+    from huggingface_hub import errors
+
+    try:
+        return Path(
+            huggingface_hub.hf_hub_download(repo_id, filename, revision=revision, library_name="lesa", **kwargs)
+        )
+    # most specific first: GatedRepoError is a RepositoryNotFoundError, LocalEntryNotFoundError an EntryNotFoundError
+    except errors.GatedRepoError:
+        reason = f"repo {repo_id} is gated: accept its conditions on its Hub page and pass token= (or log in)"
+    except errors.RepositoryNotFoundError:
+        reason = f"repo {repo_id} was not found (a private repo needs token= or a login)"
+    except errors.RevisionNotFoundError:
+        reason = f"repo {repo_id} has no revision {revision!r}"
+    except errors.LocalEntryNotFoundError:
+        reason = (
+            f"{filename} of repo {repo_id} is not in the local Hub cache and the Hub could not be reached "
+            "(no network, HF_HUB_OFFLINE=1 or local_files_only=True)"
+        )
+    except errors.EntryNotFoundError:
+        reason = f"repo {repo_id} has no {filename}"
+    except (errors.HfHubHTTPError, OSError) as e:  # e.g. an expired token or a server error: say which
+        first_line = (str(e).strip().splitlines() or [repr(e)])[0]
+        reason = f"{filename} of repo {repo_id} could not be downloaded: {first_line}"
+    # raised outside the except clauses, unchained: the Hub client's long traceback would bury what went wrong
+    raise FileNotFoundError(
+        f"predictor directory {repo_id} does not exist, and loading it from the Hugging Face Hub failed: {reason}"
+    )
 
 
 def forecast_flops(window: int, numel: int) -> int:
