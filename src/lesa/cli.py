@@ -114,6 +114,20 @@ def _parser() -> argparse.ArgumentParser:
     )
     tr.add_argument("--batch-size", type=int, default=8, help="trajectories per minibatch")
     tr.add_argument(
+        "--micro-batch",
+        type=int,
+        default=None,
+        help="loss final: roll out this many trajectories of a minibatch at once (per process), the gradients "
+        "accumulated into its one update (the same update up to float summation order; default: the whole minibatch)",
+    )
+    tr.add_argument(
+        "--checkpoint-trunk",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="loss final: gradient checkpointing of the trunk blocks the loss back-propagates through (each keeps its "
+        "inputs, not its activations, for one more forward of the full steps; the same gradients; default: on)",
+    )
+    tr.add_argument(
         "--val-fraction",
         type=_finite,
         default=None,
@@ -342,6 +356,8 @@ def _train_config(args):
         correction_start=args.correction_start,
         correction_cycles=args.correction_cycles,
         lr_correction=args.lr_correction,
+        micro_batch=args.micro_batch,
+        checkpoint_trunk=args.checkpoint_trunk,
     )
     return TrainConfig.from_recipe(
         args.recipe,

@@ -128,6 +128,10 @@ class LESAConfig(CacheConfig):
     # with differentiable: the history keeps the gradient of the features it holds (exact back-propagation through
     # time: a forecast also reaches the loss through every later forecast that reads it); off: detached
     history_grad: bool = False
+    # with differentiable, on the steps that run the trunk under autograd: gradient checkpointing of every trunk block
+    # (each keeps its inputs and recomputes its activations in backward: the memory of one block's activations
+    # instead of all of them, for one more forward of the trunk; the values and gradients are unchanged)
+    checkpoint_trunk: bool = True
     # the predictor's learned full-step correction, if it has one (False: forecasts only, e.g. for an ablation)
     learned_correction: bool = True
     name = "lesa"

@@ -25,6 +25,7 @@ import torch
 from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.hooks.hooks import BaseState, CacheContext, StateManager
 from diffusers.models.cache_utils import CacheMixin
+from diffusers.utils.torch_utils import unwrap_module
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -287,7 +288,13 @@ def _with_first_tensor(output: Any, tensor: torch.Tensor) -> Any:
 
 
 class RootHook(ModelHook):
-    """On the transformer: step and sigma tracking, FLOPs counting, observers."""
+    """On the transformer: step and sigma tracking, FLOPs counting, observers.
+
+    Under torch.compile the hook's own frame is skipped and its Python bookkeeping (`_begin`, `_count`, `_end`) runs
+    outside dynamo: a compiled transformer (`transformer.compile()`, `torch.compile(transformer)`) has its forward
+    compiled as a frame of its own, not guarded on the step index or the sigma, and the blocks compiled by
+    `compile_repeated_blocks()` stay compiled.
+    """
 
     _is_stateful = True
 
@@ -296,45 +303,66 @@ class RootHook(ModelHook):
         self.runtime = runtime
         self.state_manager = runtime.state_manager
 
+    # recursive=False: dynamo skips this frame only, so the transformer's forward it calls is still compiled
+    @torch.compiler.disable(recursive=False)
     def new_forward(self, module: nn.Module, *args, **kwargs):
+        rt = self.runtime
         try:
-            return self._forward(module, *args, **kwargs)
+            name, state, count_shape = self._begin(module, args, kwargs)
+            # closed-loop training: the forecast carries gradients through the head and into the observers' losses
+            grad = rt.differentiable and not state.full
+            with torch.enable_grad() if grad else contextlib.nullcontext():
+                if count_shape is not None:
+                    output = self._count(state, count_shape, args, kwargs)
+                else:
+                    output = self.fn_ref.original_forward(*args, **kwargs)
+                return self._end(name, state, output, args, kwargs)
         except BaseException:  # an interrupt included: the next call must not continue a broken generation
-            self.runtime.abort()
+            rt.abort()
             raise
 
-    def _forward(self, module: nn.Module, *args, **kwargs):
+    @torch.compiler.disable
+    def _begin(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[str, ContextState, tuple[int, ...] | None]:
+        """Start the call: its context, its state and, when its FLOPs are still to be counted, the latents' shape."""
         rt = self.runtime
         name, state = rt.begin_call(args, kwargs, getattr(module, "dtype", None))
-        latents = rt.argument(rt.adapter.latent_argument, args, kwargs)
-        shape = tuple(latents.shape)
+        shape = tuple(rt.argument(rt.adapter.latent_argument, args, kwargs).shape)
         # an adaptive method only knows after the call whether it was full: count until both kinds are known
         needed = [(True, shape), (False, shape)] if rt.config.adaptive else [(state.full, shape)]
         counting = rt.config.count_flops and any(key not in rt.call_flops for key in needed)
-        # closed-loop training: the forecast carries gradients through the head and into the observers' losses
-        grad = rt.differentiable and not state.full
-        with torch.enable_grad() if grad else contextlib.nullcontext():
-            if counting:
-                with FlopCounterMode(display=False) as counter:
-                    output = self.fn_ref.original_forward(*args, **kwargs)
-                flops = counter.get_total_flops()
-                if not state.full and state.tap is not None:
-                    flops += state.policy.forecast_flops(state.tap.numel())
-                rt.call_flops.setdefault((state.full, shape), flops)
-            else:
-                output = self.fn_ref.original_forward(*args, **kwargs)
-            corrector = state.corrector
-            if corrector is not None and state.full:
-                output = _with_first_tensor(output, corrector.full(state.current_step, _first_tensor(output)))
-            elif corrector is not None:
-                corrector.cached(state.current_step, _first_tensor(output))
-            rt.end_call(name, state)
-            if rt.observers:
-                event = StepEvent(
-                    name, state.current_step, state.current_sigma, state.full, state.tap, _first_tensor(output), latents
-                )
-                for observer in rt.observers:
-                    observer(event)
+        return name, state, shape if counting else None
+
+    @torch.compiler.disable
+    def _count(self, state: ContextState, shape: tuple[int, ...], args: tuple, kwargs: dict) -> Any:
+        """The call, run eagerly with its FLOPs counted (the first call of each kind and shape only)."""
+        # force_eager: compiled regions inside (`compile_repeated_blocks`) run their eager code. Dynamo skips for good
+        # every frame it first meets under a dispatch mode such as the counter's, so a counted first call would leave
+        # them uncompiled; and the counts are those of the eager ops, whether or not the model is compiled
+        with torch.compiler.set_stance("force_eager"), FlopCounterMode(display=False) as counter:
+            output = self.fn_ref.original_forward(*args, **kwargs)
+        flops = counter.get_total_flops()
+        if not state.full and state.tap is not None:
+            flops += state.policy.forecast_flops(state.tap.numel())
+        self.runtime.call_flops.setdefault((state.full, shape), flops)
+        return output
+
+    @torch.compiler.disable
+    def _end(self, name: str, state: ContextState, output: Any, args: tuple, kwargs: dict) -> Any:
+        """Finish the call: full-step correction, counters, observers; the (corrected) output."""
+        rt = self.runtime
+        corrector = state.corrector
+        if corrector is not None and state.full:
+            output = _with_first_tensor(output, corrector.full(state.current_step, _first_tensor(output)))
+        elif corrector is not None:
+            corrector.cached(state.current_step, _first_tensor(output))
+        rt.end_call(name, state)
+        if rt.observers:
+            latents = rt.argument(rt.adapter.latent_argument, args, kwargs)
+            event = StepEvent(
+                name, state.current_step, state.current_sigma, state.full, state.tap, _first_tensor(output), latents
+            )
+            for observer in rt.observers:
+                observer(event)
         return output
 
     def reset_state(self, module: nn.Module) -> nn.Module:
@@ -343,13 +371,18 @@ class RootHook(ModelHook):
 
 
 class TrunkBlockHook(ModelHook):
-    """On every trunk block: run it on full steps, return its inputs unchanged on cached steps."""
+    """On every trunk block: run it on full steps, return its inputs unchanged on cached steps.
+
+    In differentiable mode with `checkpoint_trunk` (closed-loop training), a full step run under autograd runs each
+    block under gradient checkpointing: autograd keeps the block's inputs and recomputes its activations in backward.
+    """
 
     def __init__(self, runtime: CacheRuntime, block: nn.Module, first: bool = False) -> None:
         super().__init__()
         self.runtime = runtime
         self.first = first
         self._params = list(inspect.signature(type(block).forward).parameters)[1:]
+        self.checkpoint = runtime.differentiable and bool(getattr(runtime.config, "checkpoint_trunk", False))
 
     def _arg(self, name: str, args: tuple, kwargs: dict) -> Any:
         return kwargs[name] if name in kwargs else args[self._params.index(name)]
@@ -367,6 +400,12 @@ class TrunkBlockHook(ModelHook):
             state.full = state.policy.decide(modulated, hidden, state.current_step)
         if state.full:
             rt.stats[rt.state_manager.context.name].block_calls += 1
+            if self.checkpoint and torch.is_grad_enabled():
+                # only the block's own forward is recomputed in backward: the bookkeeping above (and the policy's
+                # history, which the root and tap hooks update outside every block) must run once per call
+                return torch.utils.checkpoint.checkpoint(
+                    self.fn_ref.original_forward, *args, use_reentrant=False, **kwargs
+                )
             return self.fn_ref.original_forward(*args, **kwargs)
         returns = rt.adapter.block_returns
         if len(returns) == 1:
@@ -382,6 +421,9 @@ class TapHook(ModelHook):
         self.runtime = runtime
         self._params = list(inspect.signature(type(module).forward).parameters)[1:]
 
+    # outside torch.compile's graphs: the policy's history length, step index and per-step coefficients change every
+    # step, and a traced exchange would be guarded on them and recompiled each step (one graph break instead)
+    @torch.compiler.disable
     def _exchange(self, feature: torch.Tensor) -> torch.Tensor:
         state: ContextState = self.runtime.state_manager.get_state()
         base = self._trunk_input(state, feature) if self.runtime.config.residual else None
@@ -430,6 +472,7 @@ class TapHook(ModelHook):
 def check_no_other_cache(transformer: nn.Module, config: CacheConfig) -> None:
     """Refuse `config` on a transformer that already runs one of diffusers' caches: the config `enable_cache` stored
     (`CacheMixin._cache_config`), or diffusers' cache hooks registered without it (the functional API)."""
+    transformer = unwrap_module(transformer)
     other = getattr(transformer, "_cache_config", None)
     if other is not None and not isinstance(other, CacheConfig):
         found, remedy = f"diffusers' {type(other).__name__} enabled", "disable it (transformer.disable_cache())"
@@ -480,7 +523,11 @@ def apply_lesa_cache(
     sigma schedule (e.g. `lambda: pipe.scheduler.sigmas`); without it a LESA predictor uses its stored schedule.
 
     Refused on a transformer running one of diffusers' caches. On a model with diffusers' CacheMixin, lesa is its
-    cache while on: `is_cache_enabled` is True, `enable_cache` is refused and `disable_cache()` removes lesa."""
+    cache while on: `is_cache_enabled` is True, `enable_cache` is refused and `disable_cache()` removes lesa.
+
+    Compiled transformers are accepted: `torch.compile(transformer)`'s wrapper gets the hooks on the module it wraps,
+    whose forward it calls; `transformer.compile()` and `compile_repeated_blocks()` compile in place."""
+    transformer = unwrap_module(transformer)
     if hasattr(transformer, "_lesa_runtime"):
         raise RuntimeError("lesa is already enabled on this transformer; call remove_lesa_cache(transformer) first")
     check_no_other_cache(transformer, config)
@@ -505,6 +552,7 @@ def apply_lesa_cache(
 
 def remove_lesa_cache(transformer: nn.Module) -> None:
     """Detach lesa's hooks; the transformer behaves exactly as before `apply_lesa_cache`."""
+    transformer = unwrap_module(transformer)
     runtime = getattr(transformer, "_lesa_runtime", None)
     if runtime is None:
         return
@@ -522,7 +570,7 @@ def remove_lesa_cache(transformer: nn.Module) -> None:
 
 
 def get_runtime(transformer: nn.Module) -> CacheRuntime:
-    runtime = getattr(transformer, "_lesa_runtime", None)
+    runtime = getattr(unwrap_module(transformer), "_lesa_runtime", None)
     if runtime is None:
         raise RuntimeError("lesa is not enabled on this transformer")
     return runtime

@@ -21,7 +21,7 @@ import inspect
 import json
 import math
 import random
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -103,6 +103,13 @@ class TrainConfig:
     history_grad: bool = False  # closed loop: back-propagate through the features in the predictor's history too
     grad_clip: float = 1.0
     batch_size: int = 8
+    # loss "final": roll out and back-propagate this many trajectories of a minibatch at once (per process), the
+    # gradients accumulated into the minibatch's one update (equal up to float summation order); None: all at once
+    micro_batch: int | None = None
+    # loss "final": gradient checkpointing of the trunk blocks on the full steps the final-latent loss
+    # back-propagates through (`LESAConfig.checkpoint_trunk`): each block keeps its inputs instead of its activations
+    # (FLUX.1-dev at 4,096 + 512 tokens: ~20 GiB a full step without it) for one more forward of them; same gradients
+    checkpoint_trunk: bool = True
     val_fraction: float = 0.2
     seeds: int = 1
     seed: int = 0
@@ -148,7 +155,12 @@ class TrainConfig:
         counts = [("epochs_gt", self.epochs_gt), ("epochs_clar", self.epochs_clar), ("warmup", self.warmup)]
         strength = [("correction_start", self.correction_start), ("correction_cycles", self.correction_cycles)]
         check_numbers([*floors, *counts, *strength], 0)
-        sizes = [("batch_size", self.batch_size), ("seeds", self.seeds), ("interval", self.interval)]
+        sizes = [
+            ("batch_size", self.batch_size),
+            ("micro_batch", self.micro_batch),
+            ("seeds", self.seeds),
+            ("interval", self.interval),
+        ]
         widths = [("history", self.history), *(("windows", k) for k in self.windows)]
         check_numbers([*sizes, *widths, *(("kan_hidden", w) for w in self.kan_hidden)], 1)
         check_numbers(("thresholds", t) for t in self.thresholds or ())
@@ -173,11 +185,16 @@ class TrainConfig:
             raise ValueError(f"correction must be true, false or 'auto', got {self.correction!r}")
         if self.correction and self.loss != "final":
             raise ValueError(f"a learned correction trains on the final latent: needs loss 'final', got {self.loss!r}")
+        if self.micro_batch is not None and self.loss != "final":  # the other losses update inside the rollout
+            raise ValueError(f"micro_batch splits the rollouts of loss 'final', got loss {self.loss!r}")
 
     def fingerprint(self) -> dict[str, Any]:
         """What a checkpoint must share with the run that resumes it."""
         data = asdict(self)
-        data.pop("seeds")
+        # seeds: each has its own checkpoint; micro_batch, checkpoint_trunk: how the work is laid out, not what is
+        # trained (as the number of ranks), so a run that ran out of memory resumes with a smaller micro-batch
+        for name in ("seeds", "micro_batch", "checkpoint_trunk"):
+            data.pop(name)
         return json.loads(json.dumps(data))
 
     @classmethod
@@ -605,7 +622,7 @@ class Trainer:
         predictor: LESAPredictor,
         optimizer: torch.optim.Optimizer,
         state: dict,
-        loss_sum: torch.Tensor | None,
+        loss_sum: torch.Tensor | Iterable[torch.Tensor] | None,
         count: int,
         peak: float,
         total: int,
@@ -615,23 +632,25 @@ class Trainer:
         has no data in the minibatch) over a minibatch of `count` elements (trajectories with loss "final") on all
         ranks together. Returns the minibatch's mean loss (equal on all ranks).
 
-        Gradients are summed over ranks: with `ddp` by DistributedDataParallel during backward (it averages, so the
-        loss carries the world size), otherwise by an explicit all-reduce after backward.
+        `loss_sum` may also be an iterable of the summed losses of the share's micro-batches: each is back-propagated
+        as it comes (a generator rolls the next one out only then, so one micro-batch's graph is alive at a time) and
+        their gradients add up to the whole share's. Gradients are summed over ranks: with `ddp` by
+        DistributedDataParallel during backward (it averages, so the loss carries the world size), otherwise by an
+        explicit all-reduce after backward.
         """
-        local = loss_sum.detach().double().reshape(1) if loss_sum is not None else torch.zeros(1, dtype=torch.float64)
-        value = float(distributed.all_reduce_sum(local)[0]) / count
         scale = (self.dist.world_size if ddp else 1) / count
         optimizer.zero_grad(set_to_none=True)
+        local = torch.zeros(1, dtype=torch.float64)
+        for part in [loss_sum] if isinstance(loss_sum, torch.Tensor) else loss_sum or ():
+            local += part.detach().double().reshape(1).cpu()
+            (part * scale).backward()
+        value = float(distributed.all_reduce_sum(local)[0]) / count
         if not math.isfinite(value):  # divergence guard: never let a NaN update reach the weights (all ranks agree)
             state["skipped"] = state.get("skipped", 0) + 1
-            if ddp and loss_sum is not None:
-                (loss_sum * scale).backward()  # DDP expects the backward of its forward; the gradients are dropped
-                optimizer.zero_grad(set_to_none=True)
+            optimizer.zero_grad(set_to_none=True)  # after the backward DDP expects of its forward
             return value
         for group in optimizer.param_groups:
             group["lr"] = cosine_lr(group.get("peak", peak), self.cfg.lr_min, state["t"], total)
-        if loss_sum is not None:
-            (loss_sum * scale).backward()
         if not ddp:
             distributed.all_reduce_gradients(predictor)
         torch.nn.utils.clip_grad_norm_(predictor.parameters(), self.cfg.grad_clip)
@@ -667,12 +686,12 @@ class Trainer:
             return torch.zeros((steps, 0, *shape), device=self.device)
         return torch.stack([d[key] for d in data], 1).to(self.device, torch.float32)
 
-    def _batches(self, indices: list[int], seed: int | None = None) -> list[list[int]]:
-        """Minibatches of `indices`, shuffled by `seed` (None: in order)."""
+    def _batches(self, indices: list[int], seed: int | None = None, size: int | None = None) -> list[list[int]]:
+        """Minibatches of `indices` (of `size`, default batch_size), shuffled by `seed` (None: in order)."""
         order = list(indices)
         if seed is not None:
             random.Random(seed).shuffle(order)
-        b = self.cfg.batch_size
+        b = size or self.cfg.batch_size
         return [order[i : i + b] for i in range(0, len(order), b)]
 
     def _updates_per_rollout(self, phase: str) -> int:
@@ -752,50 +771,71 @@ class Trainer:
                 pending[event.context] = (error + w * (pred.float() - target), weight + w)
 
         config = LESAConfig(
-            predictor=predictor, differentiable=True, history_grad=self.cfg.history_grad, count_flops=False
+            predictor=predictor,
+            differentiable=True,
+            history_grad=self.cfg.history_grad,
+            checkpoint_trunk=self.cfg.checkpoint_trunk,
+            count_flops=False,
         )
-        transformer = self.pipe.transformer
-        grads = [p.requires_grad for p in transformer.parameters()]
-        transformer.requires_grad_(False)
-        enable(self.pipe, config)
         final = self.cfg.loss == "final"  # one loss on the rollout's result: no per-step observer, no targets
-        if not final:
-            get_runtime(transformer).observers.append(observer)
         updates = self._updates_per_rollout("clar")
-        try:
-            for batch in tqdm(
-                self._batches(self.train_idx, epoch_seed), desc=desc, disable=not self.progress, leave=False
-            ):
-                share = self._share(batch)
-                batch_size = len(batch)
-                before = len(losses)
-                if share:
-                    data = [self.rec.load(i) for i in share]
-                    if final:
-                        loss_sum = self.final_loss(share, data)
-                        losses.append(
-                            self._update(predictor, optimizer, state, loss_sum, batch_size, self.cfg.lr_clar, total)
+        with self._frozen_pipeline():
+            enable(self.pipe, config)
+            try:
+                if not final:
+                    get_runtime(self.pipe.transformer).observers.append(observer)
+                for batch in tqdm(
+                    self._batches(self.train_idx, epoch_seed), desc=desc, disable=not self.progress, leave=False
+                ):
+                    share = self._share(batch)
+                    batch_size = len(batch)
+                    before = len(losses)
+                    if share and final:  # one micro-batch rolled out (and its graph alive) at a time
+                        parts = (
+                            self.final_loss(part, [self.rec.load(i) for i in part])
+                            for part in self._batches(share, size=self.cfg.micro_batch or len(share))
                         )
-                    else:
+                        losses.append(
+                            self._update(predictor, optimizer, state, parts, batch_size, self.cfg.lr_clar, total)
+                        )
+                    elif share:
+                        data = [self.rec.load(i) for i in share]
                         for ctx in self.rec.contexts:
                             targets[ctx] = torch.stack([d[f"{ctx}.{key}"] for d in data], 1).float()
                         self._run(share, data)
-                    for ctx in list(pending):
-                        flush(ctx)
-                    if len(losses) - before != updates:
+                        for ctx in list(pending):
+                            flush(ctx)
+                    else:  # nothing to roll out here: join the other ranks' gradient sums with no contribution
+                        count = batch_size * self._elements(f"{self.rec.contexts[0]}.{key}")  # scales the logged loss
+                        for _ in range(updates):
+                            losses.append(
+                                self._update(predictor, optimizer, state, None, count, self.cfg.lr_clar, total)
+                            )
+                    if share and len(losses) - before != updates:
                         raise RuntimeError(
                             f"a closed-loop rollout made {len(losses) - before} updates, expected {updates} "
                             f"(loss {self.cfg.loss!r}, {len(self.rec.contexts)} contexts)"
                         )
-                else:  # nothing to roll out here: join the other ranks' gradient sums with no contribution
-                    count = batch_size * self._elements(f"{self.rec.contexts[0]}.{key}")  # only scales the logged loss
-                    for _ in range(updates):
-                        losses.append(self._update(predictor, optimizer, state, None, count, self.cfg.lr_clar, total))
-        finally:
-            disable(self.pipe)
-            for p, g in zip(transformer.parameters(), grads, strict=True):
-                p.requires_grad_(g)
+            finally:
+                disable(self.pipe)
         return sum(losses) / max(len(losses), 1)
+
+    @contextlib.contextmanager
+    def _frozen_pipeline(self) -> Iterator[None]:
+        """Within: every parameter of the pipeline's modules (transformer, text encoders, VAE, any other nn.Module
+        component) frozen, their requires_grad flags restored after. The closed loop trains the predictor alone: a
+        text encoder left trainable under loss "final" would get a gradient of every weight (~9.8 GB on FLUX.1-dev)
+        and autograd would keep its activations; frozen, it runs as without gradients."""
+        components = getattr(self.pipe, "components", {})
+        modules = [m for m in (self.pipe.transformer, *components.values()) if isinstance(m, torch.nn.Module)]
+        flags = [(p, p.requires_grad) for m in modules for p in m.parameters()]  # a shared module: twice, same flag
+        for p, _ in flags:
+            p.requires_grad_(False)
+        try:
+            yield
+        finally:
+            for p, flag in flags:
+                p.requires_grad_(flag)
 
     def final_loss(self, batch: list[int], data: list[dict[str, torch.Tensor]]) -> torch.Tensor:
         """Loss "final": the summed log MSE of these trajectories' final latents against the recording, with

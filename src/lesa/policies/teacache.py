@@ -47,6 +47,9 @@ class TeaCachePolicy(Policy):
             value = value * change + c
         return max(value, 0.0)  # a fitted polynomial can dip below zero; an estimated change cannot
 
+    # outside torch.compile's graphs: a data-dependent Python decision (one graph break) whose step index and
+    # accumulated change would otherwise be guarded on, and recompiled, at every step
+    @torch.compiler.disable
     def decide(self, modulated: torch.Tensor, trunk_in: torch.Tensor, step: int) -> bool:
         """Whether step `step` runs the trunk, given the first block's modulated input and the trunk input."""
         self.trunk_in = trunk_in
