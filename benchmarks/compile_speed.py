@@ -89,7 +89,8 @@ def main() -> None:
     print(
         f"embedded model, {args.size}x{args.size}, {args.steps} steps (true CFG: 2 transformer calls a step), "
         f"lesa N={args.interval} shipped predictor, backend {args.backend}, {args.repeats} repeats (medians), "
-        f"torch {torch.__version__}, threads {torch.get_num_threads()}"
+        f"torch {torch.__version__}, threads {torch.get_num_threads()}, dynamo recompile limit "
+        f"{torch._dynamo.config.recompile_limit}"
     )
     print("| variant | s / generation | vs eager, same method | vs eager, no cache | first run s | graphs | breaks |")
     print("|---|---|---|---|---|---|---|")
