@@ -461,7 +461,7 @@ def _generate(args) -> int:
         print(
             f"note: warm-up {schedule.warmup} and interval {schedule.interval} make all {args.steps} steps full: "
             "nothing is cached (speed-up 1.00x). For few-step (distilled) models use e.g. --warmup 1 --interval 2 "
-            "(README, 'Few-step models')",
+            "(docs/models.md, 'Few-step models')",
             file=sys.stderr,
         )
     enable(pipe, config)

@@ -318,7 +318,7 @@ class Trainer:
             raise ValueError(
                 f"interval {config.interval} / warmup {config.warmup} leave no cached step in {self.num_steps} steps "
                 f"(steps 0..{config.warmup} are always full): nothing to train. For a few-step (distilled) model use "
-                "a short warm-up and interval, e.g. --warmup 1 --interval 2 (see the README, 'Few-step models')"
+                "a short warm-up and interval, e.g. --warmup 1 --interval 2 (see docs/models.md, 'Few-step models')"
             )
         # Few-step schedules: a cached step s has at most s earlier features, so a window beyond the last cached
         # step's index can never fill; shrink K to what the schedule can supply (50 steps: no change).
