@@ -72,7 +72,8 @@ class KANLinear(nn.Module):
         noise = (torch.rand(points.numel(), self.in_features, self.out_features) - 0.5) * scale_noise / self.grid_size
         bases = bspline_bases(points.unsqueeze(-1).expand(-1, self.in_features), self.knots, order)
         design = bases.transpose(0, 1)  # (in, points, n_bases)
-        coeffs = torch.linalg.lstsq(design, noise.transpose(0, 1)).solution  # (in, n_bases, out)
+        # gelsd (SVD): the default gelsy gives run-to-run different bits on this rank-deficient system on the CPU
+        coeffs = torch.linalg.lstsq(design, noise.transpose(0, 1), driver="gelsd").solution  # (in, n_bases, out)
         self.spline_weight.copy_(coeffs.permute(2, 0, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
