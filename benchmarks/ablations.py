@@ -11,17 +11,18 @@ TaylorSeer O1. Trained variants and bench results are kept under --out, so a rer
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import statistics
 from pathlib import Path
 
+from harness import comma_list, make_parser, parse, table_head, table_row
+
 from lesa.evaluate.bench import Bench, BenchConfig
 from lesa.io import atomic_write_text
-from lesa.models import load_pipeline
-from lesa.record import Recording
-from lesa.train import TrainConfig, Trainer
+from lesa.pipelines import load_pipeline
+from lesa.recording import Recording
+from lesa.training import TrainConfig, Trainer
 
 # name -> (TrainConfig overrides, description)
 BASE = dict(interval=7, warmup=3, epochs_gt=2, epochs_clar=6, batch_size=10)
@@ -47,24 +48,22 @@ def _mean_se(values: list[float]) -> tuple[float, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", required=True, help="recording of the predictor-training prompts")
+    parser = make_parser(__doc__, data="recording of the predictor-training prompts")
     parser.add_argument("--prompts", required=True, help="evaluation prompts")
     parser.add_argument("--out", required=True)
     parser.add_argument("--model", default=None, help="pipeline (default: the recording's)")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset")
     parser.add_argument("--limit", type=int, default=50, help="evaluation prompts used")
     parser.add_argument("--seeds", default="0,1", help="training seeds per variant (the first also runs TaylorSeer O1)")
-    args = parser.parse_args()
+    args = parse(parser)
 
     out = Path(args.out)
     rec = Recording(args.data)
     model = args.model or rec.settings["model"]
     pipe = load_pipeline(model)
-    pipe.set_progress_bar_config(disable=True)
-    seeds = [int(s) for s in args.seeds.split(",")]
+    seeds = comma_list(args.seeds, int)
     table = []
-    for name in [v.strip() for v in args.variants.split(",") if v.strip()]:
+    for name in comma_list(args.variants):
         overrides, description = VARIANTS[name]
         per_seed = []
         for seed in seeds:
@@ -105,14 +104,18 @@ def main() -> None:
             }
         )
         atomic_write_text(out / "ablations.json", json.dumps(table, indent=1) + "\n")
-    print(f"| variant | budget | LESA PSNR (dB), seeds {args.seeds} | seed spread | TaylorSeer O1 | ΔPSNR vs TS O1 |")
-    print("|---|---|---|---|---|---|")
+    table_head(
+        "variant", "budget", f"LESA PSNR (dB), seeds {args.seeds}", "seed spread", "TaylorSeer O1", "ΔPSNR vs TS O1"
+    )
     for r in table:
         diff = r["psnr_vs_taylorseer_o1"]
-        print(
-            f"| {r['description']} | {r['budget']} | {r['psnr'][0]:.2f} ± {r['psnr'][1]:.2f} "
-            f"({', '.join(f'{m:.2f}' for m in r['psnr_per_seed'])}) | {r['seed_spread']:.2f} | "
-            f"{r['taylorseer_o1_psnr'][0]:.2f} | {diff[0]:+.2f} ± {diff[1]:.2f} |"
+        table_row(
+            r["description"],
+            r["budget"],
+            f"{r['psnr'][0]:.2f} ± {r['psnr'][1]:.2f} ({', '.join(f'{m:.2f}' for m in r['psnr_per_seed'])})",
+            f"{r['seed_spread']:.2f}",
+            f"{r['taylorseer_o1_psnr'][0]:.2f}",
+            f"{diff[0]:+.2f} ± {diff[1]:.2f}",
         )
 
 

@@ -13,22 +13,21 @@ training scenes (never a predictor-training or evaluation scene), which `lesa re
 
 from __future__ import annotations
 
-import argparse
 import math
 import random
 import statistics
 from fractions import Fraction
 from pathlib import Path
 
-import torch
+from harness import comma_list, held_out_scorer, make_parser, parse
 
 from lesa.calibrate import fit_damping
 from lesa.config import FORAConfig, LESAConfig, TaylorSeerConfig
 from lesa.embedded import scenes
-from lesa.predictor import LESAPredictor, PredictorConfig
-from lesa.record import Recording
+from lesa.predictor import LESAPredictor
+from lesa.recording import Recording
 from lesa.schedule import StepSchedule
-from lesa.train import Trainer, split_indices
+from lesa.training import split_indices
 
 
 def screen_prompts(count: int = 300, seed: int = 7) -> list[str]:
@@ -58,7 +57,7 @@ def paired(a: list[float], b: list[float], jump: float = 6.0) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = make_parser(__doc__)
     parser.add_argument("--write-prompts", help="write the screening prompts to this file and stop")
     parser.add_argument("--data", help="recording to score on (every trajectory of it)")
     parser.add_argument("--method", default="damped", help="fora, damped or a predictor directory")
@@ -68,34 +67,21 @@ def main() -> None:
     parser.add_argument("--full", default="", help="explicit full steps after the warm-up, e.g. 8,17,28,39")
     parser.add_argument("--strengths", nargs="*", default=[], help="corrections to score, each STEP:STRENGTH,...")
     parser.add_argument("--limit", type=int, default=None, help="score the first L trajectories only")
-    parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args()
+    args = parse(parser, threads=2)
     if args.write_prompts:
         path = Path(args.write_prompts)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("".join(f"{p}\n" for p in screen_prompts()), encoding="utf-8")
         print(f"wrote {path}")
         return
-    torch.set_num_threads(args.threads)
-    rec = Recording(args.data)
-    explicit = tuple(int(x) for x in args.full.split(",") if x)
+    explicit = tuple(comma_list(args.full, int))
     schedule = StepSchedule(args.interval, args.warmup, explicit=explicit)
     predictor = None
     if args.method not in ("fora", "damped"):
         predictor = LESAPredictor.from_pretrained(args.method)
         schedule = predictor.config.schedule()
-    pc = PredictorConfig(
-        model_class=rec.settings["model_class"],
-        tap="",
-        num_steps=len(rec.sigmas) - 1,
-        sigmas=list(rec.sigmas),
-        feature_dim=rec.feature_dim,
-        interval=schedule.interval,
-        warmup=schedule.warmup,
-        explicit_full_steps=list(schedule.explicit),
-    )
-    trainer = Trainer.for_scoring(rec, pc)
-    indices = list(range(len(rec)))[: args.limit]
+    scorer = held_out_scorer(args.data)
+    indices = list(range(len(scorer.data.rec)))[: args.limit]
     kw = dict(
         interval=schedule.interval, warmup=schedule.warmup, explicit_full_steps=schedule.explicit, count_flops=False
     )
@@ -114,14 +100,14 @@ def main() -> None:
         return LESAConfig(predictor=predictor, count_flops=False, learned_correction=False, correction=correction)
 
     print(f"{args.method} on {len(indices)} trajectories of {args.data}, full steps {schedule.full_steps(50)}")
-    base = [p for _, p in trainer.trajectory_errors(config({}), indices)]
+    base = [p for _, p in scorer.trajectory_errors(config({}), indices)]
     print(f"{'no correction':>32s}: mean PSNR {sum(base) / len(base):.2f} dB", flush=True)
     if predictor is not None and predictor.config.correction:
         own = LESAConfig(predictor=predictor, count_flops=False)
-        scores = [p for _, p in trainer.trajectory_errors(own, indices)]
+        scores = [p for _, p in scorer.trajectory_errors(own, indices)]
         print(f"{'its learned correction':>32s}: mean PSNR {sum(scores) / len(scores):.2f} dB, {paired(scores, base)}")
     for text in args.strengths:
-        scores = [p for _, p in trainer.trajectory_errors(config(parse_strengths(text)), indices)]
+        scores = [p for _, p in scorer.trajectory_errors(config(parse_strengths(text)), indices)]
         print(f"{text:>32s}: mean PSNR {sum(scores) / len(scores):.2f} dB, {paired(scores, base)}", flush=True)
 
 

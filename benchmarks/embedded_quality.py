@@ -10,7 +10,6 @@ image. Example (the figures in the embedded model's card):
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import time
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from harness import make_parser, table_head, table_row
 from tqdm.auto import tqdm
 
 import lesa
@@ -42,7 +42,7 @@ def mean_se(values: list[float]) -> tuple[float, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = make_parser(__doc__)
     parser.add_argument("--model", default=None, help="embedded model directory (default: the shipped one)")
     parser.add_argument("--prompts", required=True)
     parser.add_argument("--predictor", action="append", default=[], help="LESA predictor directory (repeatable)")
@@ -60,7 +60,7 @@ def main() -> None:
     prompts = read_prompts(args.prompts)[: args.limit]
     methods: dict[str, lesa.CacheConfig] = {"full": lesa.NoCacheConfig(count_flops=False)}
     for directory in args.predictor:
-        config = lesa.LESAConfig(predictor=directory, count_flops=False)
+        config = lesa.LESAConfig(predictor=directory, count_flops=False).resolve()
         tag = f"N={config.interval}"
         methods[f"LESA {tag} ({Path(directory).name})"] = config
         if args.baselines:
@@ -99,14 +99,10 @@ def main() -> None:
             "seconds": seconds[name],
         }
     print(f"{len(prompts)} prompts from {args.prompts}, {args.steps} steps, seed = prompt index")
-    print("| method | full steps | trunk speed-up | prompt-following (all) | PSNR vs full (dB, mean +/- s.e.) |")
-    print("|---|---|---|---|---|")
+    table_head("method", "full steps", "trunk speed-up", "prompt-following (all)", "PSNR vs full (dB, mean +/- s.e.)")
     for name, r in results["methods"].items():
         psnr_text = "-" if name == "full" else f"{r['psnr_mean']:.2f} +/- {r['psnr_se']:.2f}"
-        print(
-            f"| {name} | {r['full_steps']} | {r['trunk_speedup']:.2f}x | {r['prompt_following']['all']:.3f} | "
-            f"{psnr_text} |"
-        )
+        table_row(name, r["full_steps"], f"{r['trunk_speedup']:.2f}x", f"{r['prompt_following']['all']:.3f}", psnr_text)
     print("per-attribute shares (full):", json.dumps(results["methods"]["full"]["prompt_following"]))
     if args.out:
         atomic_write_text(args.out, json.dumps(results, indent=1) + "\n")

@@ -15,18 +15,19 @@ accelerated vs unaccelerated at the same step count, which is what caching chang
 
 from __future__ import annotations
 
-import argparse
 import json
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from harness import comma_list, make_parser, table_head, table_row
 
 import lesa
-from lesa.models import default_model, load_pipeline, model_label
-from lesa.record import Recording, record
-from lesa.train import TrainConfig, Trainer, split_indices
+from lesa.pipelines import default_model, load_pipeline, model_label
+from lesa.record import record
+from lesa.recording import Recording
+from lesa.training import TrainConfig, Trainer, split_indices
 
 SCHEDULES = {4: [(3, 7), (1, 2), (0, 2), (0, 3)], 8: [(3, 7), (1, 2), (1, 3), (0, 3)]}
 
@@ -38,7 +39,7 @@ def prompts_for(count: int) -> list[str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = make_parser(__doc__)
     parser.add_argument("--model", default=None, help="pipeline (default: the embedded model when shipped)")
     parser.add_argument("--prompts", type=int, default=8, help="prompts recorded (a quarter held out)")
     parser.add_argument("--steps", default="4,8", help="step counts to measure")
@@ -52,7 +53,7 @@ def main() -> None:
     prompts = prompts_for(args.prompts)
     rows = []
     quiet = dict(progress=False, log=lambda *_: None)
-    for steps in (int(s) for s in args.steps.split(",")):
+    for steps in comma_list(args.steps, int):
         with tempfile.TemporaryDirectory() as tmp:
             record(pipe, prompts, tmp, model=model_label(model), steps=steps, dtype="float32", **size, **quiet)
             rec = Recording(tmp)
@@ -95,17 +96,14 @@ def main() -> None:
                 )
     held_out = len(split_indices(len(prompts), 0.25)[1])
     print(f"\nmodel {model_label(model)}, {len(prompts)} prompts ({held_out} held out), final-latent PSNR in dB")
-    print("| steps | E | N | full steps | trunk speed-up | FORA | TaylorSeer O1 | LESA |")
-    print("|---|---|---|---|---|---|---|---|")
+    table_head("steps", "E", "N", "full steps", "trunk speed-up", "FORA", "TaylorSeer O1", "LESA")
     for r in rows:
         if "refused" in r:
             print(f"| {r['steps']} | {r['warmup']} | {r['interval']} | all | 1.00x | refused: no cached step | | |")
             continue
         p = r["psnr"]
-        print(
-            f"| {r['steps']} | {r['warmup']} | {r['interval']} | {len(r['full_steps'])} | {r['trunk_speedup']:.2f}x "
-            f"| {p['FORA']:.2f} | {p['TaylorSeer O1']:.2f} | {p['LESA']:.2f} |"
-        )
+        cells = [f"{p[k]:.2f}" for k in ("FORA", "TaylorSeer O1", "LESA")]
+        table_row(r["steps"], r["warmup"], r["interval"], len(r["full_steps"]), f"{r['trunk_speedup']:.2f}x", *cells)
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=1) + "\n")
 

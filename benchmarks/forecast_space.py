@@ -16,12 +16,12 @@ PSNR of the final image against full compute, paired per prompt.
 
 from __future__ import annotations
 
-import argparse
 import math
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from harness import make_parser, parse
 
 import lesa
 from lesa.calibrate import cycles, fit_damping, fit_linear
@@ -102,12 +102,10 @@ def fit_per_channel(gram: np.ndarray, schedule: StepSchedule) -> dict[int, torch
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = make_parser(__doc__)
     parser.add_argument("--fit", type=int, default=20, help="first N predictor-training prompts fit (seeds 0..)")
     parser.add_argument("--check", type=int, default=30, help="last N predictor-training prompts score (seeds 1000..)")
-    parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    args = parse(parser, threads=2)
     prompts = read_prompts(PROMPTS)
     if args.fit + args.check > len(prompts):
         raise SystemExit(f"--fit + --check must not exceed the {len(prompts)} predictor-training prompts")

@@ -22,17 +22,17 @@ with only one segment of the schedule scaled at a time, how many images move (wh
 
 from __future__ import annotations
 
-import argparse
 import math
 import types
 
 import torch
+from harness import comma_list, held_out_scorer, make_parser, parse
 from tqdm.auto import tqdm
 
 from lesa.config import LESAConfig
 from lesa.predictor import LESAPredictor
-from lesa.record import Recording
-from lesa.train import Trainer
+from lesa.recording import Recording
+from lesa.training import Scorer
 
 
 def increments(predictor: LESAPredictor, feats: torch.Tensor, context: str, sigmas: list[float]):
@@ -112,41 +112,37 @@ def scale_increments(predictor: LESAPredictor, factor) -> None:
     predictor.__dict__.pop("_tables", None)
 
 
-def held_out_psnr(trainer: Trainer, predictor: LESAPredictor) -> torch.Tensor:
+def held_out_psnr(scorer: Scorer, predictor: LESAPredictor) -> torch.Tensor:
     """Per-image final-latent PSNR on the held-out split (what `lesa train` averages)."""
-    errors = trainer.trajectory_errors(LESAConfig(predictor=predictor, count_flops=False), trainer.val_idx)
+    errors = scorer.trajectory_errors(LESAConfig(predictor=predictor, count_flops=False), scorer.data.val_idx)
     return torch.tensor([psnr for _mse, psnr in errors])
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = make_parser(__doc__, data="the `lesa record` directory it was trained on")
     parser.add_argument("predictor", help="a trained predictor directory with memory 'full'")
-    parser.add_argument("--data", required=True, help="the `lesa record` directory it was trained on")
     parser.add_argument("--limit", type=int, default=40, help="training trajectories read open loop")
     parser.add_argument("--factors", default="0.85,0.9,0.95,1,1.05,1.1,1.15", help="the closed-loop sweep")
     parser.add_argument(
         "--segments", default="17,31", help="steps that split the schedule into segments scaled one at a time"
     )
-    parser.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    args = parse(parser, threads=1)
     predictor = LESAPredictor.from_pretrained(args.predictor)
     if predictor.config.memory != "full":
         raise ValueError(f"{args.predictor}: this analysis needs memory 'full' (a history of recorded features)")
-    rec = Recording(args.data)
-    trainer = Trainer.for_scoring(rec, predictor.config)
-    step_factors = open_loop(predictor, rec, trainer.train_idx[: args.limit])
+    scorer = held_out_scorer(args.data)
+    step_factors = open_loop(predictor, scorer.data.rec, scorer.data.train_idx[: args.limit])
 
-    factors = [float(f) for f in args.factors.split(",")]
+    factors = comma_list(args.factors, float)
     sweep = []
     for f in tqdm(factors, desc="closed loop"):
         scale_increments(predictor, lambda _c, _s, f=f: f)
-        sweep.append(held_out_psnr(trainer, predictor))
+        sweep.append(held_out_psnr(scorer, predictor))
     scale_increments(predictor, lambda c, s: step_factors.get((c, s), 1.0))
-    feature_optimal = held_out_psnr(trainer, predictor)
+    feature_optimal = held_out_psnr(scorer, predictor)
     table = torch.stack(sweep, 1)  # images x factors
     jumps = (table.diff(dim=1).abs() > 6).any(1)
-    print(f"closed loop, {len(trainer.val_idx)} held-out trajectories, final-latent PSNR (dB):")
+    print(f"closed loop, {len(scorer.data.val_idx)} held-out trajectories, final-latent PSNR (dB):")
     print("  factor " + " ".join(f"{f:6.2f}" for f in factors))
     print("  mean   " + " ".join(f"{v:6.2f}" for v in table.mean(0).tolist()))
     for i, row in enumerate(table.tolist()):
@@ -162,14 +158,14 @@ def main() -> None:
         base = table[:, factors.index(1.0)]
     else:
         scale_increments(predictor, lambda _c, _s: 1.0)
-        base = held_out_psnr(trainer, predictor)
-    edges = [0, *(int(e) for e in args.segments.split(",")), predictor.config.num_steps]
+        base = held_out_psnr(scorer, predictor)
+    edges = [0, *comma_list(args.segments, int), predictor.config.num_steps]
     print("  one segment scaled at a time: mean PSNR; images moved by more than 6 dB / more than 1 dB")
     for lo, hi in zip(edges, edges[1:], strict=False):
         cells = []
         for f in [f for f in factors if f != 1.0]:
             scale_increments(predictor, lambda _c, s, f=f, lo=lo, hi=hi: f if lo <= s < hi else 1.0)
-            psnr = held_out_psnr(trainer, predictor)
+            psnr = held_out_psnr(scorer, predictor)
             moved = (psnr - base).abs()
             cells.append(f"f {f:.2f}: {psnr.mean():.2f}; {int((moved > 6).sum())} / {int((moved > 1).sum())}")
         print(f"  steps {lo}-{hi - 1}: " + ", ".join(cells))

@@ -11,48 +11,47 @@ held-out trajectories of each, in dB (peak: the reference latent's range, as `le
 
 from __future__ import annotations
 
-import argparse
-
-import torch
+from harness import make_parser, parse
 
 from lesa.config import CacheConfig, LESAConfig, TaylorSeerConfig
 from lesa.predictor import LESAPredictor
-from lesa.record import Recording
-from lesa.train import Trainer, latent_psnr
+from lesa.recording import Recording
+from lesa.training import Scorer, latent_psnr
+from lesa.training.start import Fits, schedule_kwargs
 
 
-def latent_errors(trainer: Trainer, config: CacheConfig, steps: list[int]) -> list[float]:
+def latent_errors(scorer: Scorer, config: CacheConfig, steps: list[int]) -> list[float]:
     """Mean held-out PSNR of the latent entering each of `steps`, then of the final latent, running `config`."""
     sums = [0.0] * (len(steps) + 1)
-    for d, final, latents in trainer.rollouts(config, trainer.val_idx, steps):
+    for d, final, latents in scorer.rollouts(config, scorer.data.val_idx, steps):
         for j, step in enumerate(steps):
             sums[j] += latent_psnr(latents[step], d["latents"][step])
         sums[-1] += latent_psnr(final, d["final"])
-    return [s / len(trainer.val_idx) for s in sums]
+    return [s / len(scorer.data.val_idx) for s in sums]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = make_parser(__doc__, data="a `lesa record` directory with per-step latents", val_fraction=True)
     parser.add_argument("predictors", nargs="+", help="predictor directories of one schedule")
-    parser.add_argument("--data", required=True, help="a `lesa record` directory with per-step latents")
-    parser.add_argument("--val-fraction", type=float, default=0.2, help="as given to `lesa train`")
-    parser.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    args = parse(parser, threads=1)
     predictors = [LESAPredictor.from_pretrained(d) for d in args.predictors]
     rec = Recording(args.data)
     if "latents" not in rec.shapes:
         raise SystemExit(f"{args.data} holds no per-step latents: record it again with this lesa")
-    trainer = Trainer.for_scoring(rec, predictors[0].config, args.val_fraction)
-    steps = trainer.cycle_ends()
-    print(f"held-out split: {len(trainer.val_idx)} trajectories of {args.data}; mean PSNR (dB) of the latent entering")
+    scorer = Scorer.for_recording(rec, args.val_fraction)
+    pc = predictors[0].config
+    schedule = pc.schedule()
+    steps = [s for s in schedule.full_steps(pc.num_steps) if s > pc.warmup]  # the full steps closing each cycle
+    print(
+        f"held-out split: {len(scorer.data.val_idx)} trajectories of {args.data}; mean PSNR (dB) of the latent entering"
+    )
     print(f"{'':>40s}  " + "  ".join(f"{f'step {s}':>8s}" for s in steps) + f"  {'final':>8s}")
-    damped = TaylorSeerConfig(order=1, damping=trainer.damping, **trainer._schedule_kwargs())
+    damped = TaylorSeerConfig(order=1, damping=Fits(scorer.data).damping(schedule), **schedule_kwargs(schedule))
     scored = [("TaylorSeer O1 damped", damped)]
     for name, predictor in zip(args.predictors, predictors, strict=True):
         scored.append((name, LESAConfig(predictor=predictor, count_flops=False)))
     for name, cfg in scored:
-        values = latent_errors(trainer, cfg, steps)
+        values = latent_errors(scorer, cfg, steps)
         print(f"{name:>40s}  " + "  ".join(f"{v:8.2f}" for v in values), flush=True)
 
 

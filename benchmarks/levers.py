@@ -11,14 +11,15 @@ rerun resumes.
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 from pathlib import Path
 
-from lesa.models import load_pipeline
-from lesa.record import Recording
-from lesa.train import RECIPES, TrainConfig, Trainer
+from harness import comma_list, make_parser, parse, table_head, table_row
+
+from lesa.pipelines import load_pipeline
+from lesa.recording import Recording
+from lesa.training import RECIPES, TrainConfig, Trainer
 
 BASE = dict(warmup=3, batch_size=10)
 FULL = dict(memory="full", gain_init="damped", windows=(3, 3, 3), history=3, select="psnr")
@@ -63,23 +64,22 @@ VARIANTS: dict[str, tuple[dict, str]] = {
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", required=True, help="recording of the predictor-training prompts")
+    parser = make_parser(__doc__, data="recording of the predictor-training prompts")
     parser.add_argument("--out", required=True)
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset")
     parser.add_argument("--intervals", default="7,10")
     parser.add_argument("--seeds", default="0,1")
-    args = parser.parse_args()
+    args = parse(parser)
 
     out = Path(args.out)
     rec = Recording(args.data)
     pipe = load_pipeline(rec.settings["model"])
     rows = []
-    for name in [v.strip() for v in args.variants.split(",") if v.strip()]:
+    for name in comma_list(args.variants):
         overrides, description = VARIANTS[name]
-        for interval in map(int, args.intervals.split(",")):
+        for interval in comma_list(args.intervals, int):
             runs = []
-            for seed in map(int, args.seeds.split(",")):
+            for seed in comma_list(args.seeds, int):
                 directory = out / f"{name}-n{interval}-seed{seed}"
                 if not (directory / "training_log.json").is_file():
                     cfg = TrainConfig(**{**BASE, **overrides, "interval": interval, "seed": seed})
@@ -103,13 +103,17 @@ def main() -> None:
             }
             rows.append(row)
             (out / "levers.json").write_text(json.dumps(rows, indent=1) + "\n")
-    print("| variant | N | held-out PSNR per seed (dB) | mean | vs damped TS | vs TS O1 | kept checkpoint |")
-    print("|---|---|---|---|---|---|---|")
+    table_head("variant", "N", "held-out PSNR per seed (dB)", "mean", "vs damped TS", "vs TS O1", "kept checkpoint")
     for r in rows:
         mean = r["psnr_mean"]
-        print(
-            f"| {r['description']} | {r['interval']} | {', '.join(f'{p:.2f}' for p in r['psnr'])} | {mean:.2f} | "
-            f"{mean - r['damped']:+.2f} | {mean - r['taylorseer_o1']:+.2f} | {', '.join(r['best_at'])} |"
+        table_row(
+            r["description"],
+            r["interval"],
+            ", ".join(f"{p:.2f}" for p in r["psnr"]),
+            f"{mean:.2f}",
+            f"{mean - r['damped']:+.2f}",
+            f"{mean - r['taylorseer_o1']:+.2f}",
+            ", ".join(r["best_at"]),
         )
     print("baselines on the same held-out trajectories:")
     for interval in sorted({r["interval"] for r in rows}):

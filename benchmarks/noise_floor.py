@@ -11,38 +11,35 @@ seeds') means cannot be told apart on these prompts.
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import numpy as np
 import torch
+from harness import comma_list, make_parser, parse
 
 import lesa
 from lesa.config import TaylorSeerConfig
 from lesa.embedded.loading import SHIPPED_DIR
 from lesa.evaluate.bench import mean_se
 from lesa.evaluate.metrics import psnr
-from lesa.models import load_pipeline
+from lesa.pipelines import load_pipeline
 from lesa.record import read_prompts
 
 EVAL_PROMPTS = SHIPPED_DIR.parent / "prompts" / "eval.txt"
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = make_parser(__doc__)
     parser.add_argument("--interval", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--damping", type=float, required=True, help="the fitted damping g (lesa bench's results.json)")
     parser.add_argument("--changes", default="-0.02,-0.01,0.01,0.02", help="relative changes of g")
     parser.add_argument("--limit", type=int, default=200, help="first N evaluation prompts")
     parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    args = parse(parser, threads=1)
     prompts = read_prompts(EVAL_PROMPTS)[: args.limit]
-    changes = [float(c) for c in args.changes.split(",")]
+    changes = comma_list(args.changes, float)
     pipe = load_pipeline("embedded", "cpu")
-    pipe.set_progress_bar_config(disable=True)
 
     def generate(prompt: str, seed: int, damping: float | None) -> np.ndarray:
         if damping is not None:

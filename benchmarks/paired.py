@@ -22,6 +22,8 @@ import json
 from pathlib import Path
 from statistics import median
 
+from harness import table_head, table_row
+
 from lesa.evaluate.bench import mean_se
 from lesa.evaluate.methods import SEED_SUFFIX
 
@@ -76,9 +78,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     lesa, others = load_runs(args.results, args.metric)
     columns = ["LESA row (seed mean; seeds)", "other method", f"its {args.metric}", "LESA minus it (± s.e.; seeds)"]
-    columns += ["prompts LESA leads", f"median; share of the mean from jumps (beyond ±{args.jump:g} dB)"]
-    print("| " + " | ".join(columns) + " |")
-    print("|---|---|---|---|---|---|")
+    table_head(*columns, "prompts LESA leads", f"median; share of the mean from jumps (beyond ±{args.jump:g} dB)")
     for row in lesa.values():
         row["mean"] = [sum(v) / len(v) for v in zip(*row["seeds"].values(), strict=True)]
     rows = {label: {"count": row["count"], "values": row["mean"]} for label, row in lesa.items()}
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> None:
             jumps = [d for d in diff if abs(d) > args.jump]
             cells = [head, name, f"{mean_se(other['values'])[0]:.2f}", f"{m:+.2f} ± {se:.2f} ({per_seed})"]
             cells += [f"{wins} of {len(diff)}", f"{median(diff):+.2f}; {sum(jumps) / len(diff):+.2f} from {len(jumps)}"]
-            print("| " + " | ".join(cells) + " |")
+            table_row(*cells)
             head = ""
 
 

@@ -15,19 +15,21 @@ import time
 import torch
 
 import lesa
-from lesa.models import load_pipeline
+from lesa.adapters import model_class_name, pipeline_sigmas
+from lesa.pipelines import load_pipeline
 from lesa.predictor import LESAPredictor, PredictorConfig
 
 
-def untrained_predictor(pipe, steps: int, interval: int, warmup: int) -> LESAPredictor:
-    pipe.scheduler.set_timesteps(steps)
+def untrained_predictor(pipe, steps: int, height: int, width: int, interval: int, warmup: int) -> LESAPredictor:
+    # the schedule the pipeline will use at this size (dynamic-shifting FLUX configs shift it by the token count)
+    sigmas = pipeline_sigmas(pipe, steps, height, width)
     torch.manual_seed(0)
     return LESAPredictor(
         PredictorConfig(
-            model_class=type(pipe.transformer).__name__,
+            model_class=model_class_name(pipe.transformer),
             tap=lesa.get_adapter(pipe.transformer).tap,
             num_steps=steps,
-            sigmas=pipe.scheduler.sigmas.tolist(),
+            sigmas=sigmas.tolist(),
             feature_dim=pipe.transformer.inner_dim,
             interval=interval,
             warmup=warmup,
@@ -63,7 +65,7 @@ def main() -> None:
         "fora": lesa.FORAConfig(**sched),
         "taylorseer O1": lesa.TaylorSeerConfig(order=1, **sched),
         "taylorseer O2": lesa.TaylorSeerConfig(order=2, **sched),
-        "lesa": lesa.LESAConfig(predictor=untrained_predictor(pipe, args.steps, **sched)),
+        "lesa": lesa.LESAConfig(predictor=untrained_predictor(pipe, args.steps, args.height, args.width, **sched)),
         **trained,
     }
     call_times: dict[str, dict[bool, list[float]]] = {m: {True: [], False: []} for m in methods}

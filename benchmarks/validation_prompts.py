@@ -11,14 +11,13 @@ scenes, the way it scores them on the evaluation prompts, without looking at the
 
 from __future__ import annotations
 
-import argparse
-
 import numpy as np
+from harness import make_parser, parse
 
 from lesa.embedded import scenes
 from lesa.io import atomic_write_text
 from lesa.record import read_prompts
-from lesa.train import split_indices
+from lesa.training import split_indices
 
 
 def validation_prompts(prompts: list[str], per_prompt: int, val_fraction: float = 0.2, seed: int = 0) -> list[str]:
@@ -39,12 +38,11 @@ def validation_prompts(prompts: list[str], per_prompt: int, val_fraction: float 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = make_parser(__doc__, val_fraction=True)
     parser.add_argument("--prompts", default=str(scenes.PROMPTS_DIR / scenes.PROMPT_FILES["predictor"]))
     parser.add_argument("--per-prompt", type=int, default=10)
-    parser.add_argument("--val-fraction", type=float, default=0.2, help="as given to `lesa train`")
     parser.add_argument("--out", required=True)
-    args = parser.parse_args()
+    args = parse(parser)
     lines = validation_prompts(read_prompts(args.prompts), args.per_prompt, args.val_fraction)
     atomic_write_text(args.out, "".join(f"{line}\n" for line in lines))
     print(f"wrote {len(lines)} prompts ({len(lines) // args.per_prompt} held-out scenes) to {args.out}")

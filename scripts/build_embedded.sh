@@ -15,7 +15,7 @@ python -m lesa.embedded.train_model --out runs/embedded-2h --bf16
 # 2. trajectories of the 100 predictor-training prompts (disjoint from training captions and evaluation prompts)
 lesa record --model embedded --prompts src/lesa/embedded/prompts/predictor_train.txt --out runs/rec-embedded --steps 50
 
-# 2b. the validation prompts: each of the 20 held-out scenes of lesa train's split (--val-fraction 0.2 of the 100
+# 2b. the validation prompts: each of the 20 held-out scenes of lesa train's split (--set val_fraction=0.2 of the 100
 #     prompts), captioned afresh 10 times (seed i for line i), none verbatim a recorded prompt; and their
 #     trajectories, which lesa train validates on (about 8 min)
 python benchmarks/validation_prompts.py --out runs/val_prompts.txt
@@ -23,7 +23,7 @@ lesa record --model embedded --prompts runs/val_prompts.txt --out runs/rec-val -
 
 # 3. one predictor per schedule (50 steps, E = 3): N = 7 -> 10 full steps (5.00x), N = 10 -> 8 full steps (6.25x),
 #    with lesa train's default `calibrated` recipe, validated on the 200 trajectories of step 2b (--val-data;
-#    --val-fraction 0.2 keeps the 20 scenes they describe out of training): seed 0 trains the uniform placement and
+#    --set val_fraction=0.2 keeps the 20 scenes they describe out of training): seed 0 trains the uniform placement and
 #    one found by dynamic programming, each with and without the learned full-step correction, each started at the
 #    better of reuse and damped TaylorSeer O1 there, and keeps the best of the four on the validation trajectories
 #    (about 60 min per N with two processes; BENCHMARKS.md "The recipe chooses by itself"). Its loss also scores the
@@ -37,7 +37,7 @@ for n in 7 10; do
       mkdir -p "runs/pred-$name" && cp "runs/pred-n$n/schedule.json" "runs/pred-$name/"
     fi
     torchrun --nproc_per_node 2 -m lesa train --model embedded --data runs/rec-embedded --val-data runs/rec-val \
-      --val-fraction 0.2 --out "runs/pred-$name" --interval "$n" --warmup 3 --batch-size 10 --seed "$seed"
+      --set val_fraction=0.2 --out "runs/pred-$name" --interval "$n" --warmup 3 --batch-size 10 --set seed="$seed"
     mkdir -p "src/lesa/embedded/predictors/$name"
     cp "runs/pred-$name"/{config.json,model.safetensors,README.md,training_log.json} "src/lesa/embedded/predictors/$name/"
   done

@@ -7,10 +7,10 @@ import warnings
 import pytest
 import torch
 
-from lesa.models import tiny_flux_pipeline
 from lesa.predictor import LESAPredictor, PredictorConfig
-from lesa.record import Recording, record
-from lesa.train import TrainConfig, Trainer
+from lesa.record import record
+from lesa.recording import Recording
+from lesa.testing import tiny_flux_pipeline
 
 warnings.filterwarnings("ignore", message=".*torchvision.*")
 torch.set_num_threads(2)
@@ -45,18 +45,20 @@ def generate(pipe, seed: int = 0, steps: int = STEPS, **kwargs) -> torch.Tensor:
 
 
 def kill_at_score(monkeypatch, call: int) -> None:
-    """Make `Trainer.score` raise KeyboardInterrupt on its `call`-th call, as a run killed mid-training would stop
-    (`monkeypatch.undo()` restores it). Scores come at init and after every epoch."""
-    real_score = Trainer.score
+    """Make `Scorer.score_predictor` raise KeyboardInterrupt on its `call`-th call, as a run killed mid-training
+    would stop (`monkeypatch.undo()` restores it). Scores come at init and after every epoch."""
+    from lesa.training import Scorer
+
+    real_score = Scorer.score_predictor
     calls = []
 
-    def dies(self, predictor):
+    def dies(self, predictor, **options):
         calls.append(1)
         if len(calls) == call:
             raise KeyboardInterrupt
-        return real_score(self, predictor)
+        return real_score(self, predictor, **options)
 
-    monkeypatch.setattr(Trainer, "score", dies)
+    monkeypatch.setattr(Scorer, "score_predictor", dies)
 
 
 @pytest.fixture(scope="session")
@@ -94,6 +96,8 @@ def recording(tmp_path_factory, pipe) -> Recording:
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory, pipe, recording):
     """A small predictor trained on the recording (both phases); returns (predictor, trainer)."""
+    from lesa.training import TrainConfig, Trainer
+
     out = tmp_path_factory.mktemp("predictor")
     config = TrainConfig(epochs_gt=4, epochs_clar=2, batch_size=3, val_fraction=0.25, kan_hidden=(16, 16), lr_gt=3e-3)
     trainer = Trainer(recording, pipe, out, config, log=lambda *_: None, progress=False)

@@ -11,9 +11,9 @@ import torch.distributed as dist
 from diffusers import ContextParallelConfig
 
 import lesa
-from lesa.models import tiny_flux_pipeline
 from lesa.predictor import LESAPredictor, PredictorConfig
 from lesa.runtime import get_runtime
+from lesa.testing import tiny_flux_pipeline
 
 STEPS = 10
 

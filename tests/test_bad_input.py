@@ -18,8 +18,9 @@ from lesa.cli import main
 from lesa.embedded.loading import PREDICTORS_DIR, SHIPPED_DIR, load_embedded
 from lesa.evaluate.bench import BenchConfig
 from lesa.predictor import LESAPredictor, PredictorConfig
-from lesa.record import Recording, read_prompts, record
-from lesa.train import TrainConfig
+from lesa.record import read_prompts, record
+from lesa.recording import Recording
+from lesa.training import TrainConfig
 
 needs_embedded = pytest.mark.skipif(
     not (SHIPPED_DIR / "transformer").is_dir(), reason="the embedded model's weights are not shipped in this checkout"
@@ -111,8 +112,8 @@ def test_a_raise_inside_a_generation_starts_the_next_call_afresh(embedded, fresh
         ("generate", "--true-cfg-scale", "-inf"),
         ("generate", "--damping", "nan"),
         ("bench", "--guidance-scale", "nan"),
-        ("train", "--lr-gt", "nan"),
-        ("train", "--anchor", "inf"),
+        ("train", "--set lr_gt", "nan"),
+        ("train", "--set anchor", "inf"),
     ],
 )
 def test_non_finite_float_options_are_refused(tmp_path, capsys, command, option, value):
@@ -125,7 +126,7 @@ def test_non_finite_float_options_are_refused(tmp_path, capsys, command, option,
         "bench": ["--prompts", prompts, "--out", out],
         "train": ["--data", tmp_path, "--out", out],
     }[command]
-    code, err = run_cli(capsys, command, "--model", "tiny-random-flux", *args, f"{option}={value}")
+    code, err = run_cli(capsys, command, "--model", "tiny-random-flux", *args, *f"{option}={value}".split(" "))
     assert_one_line_error(code, err, command, option, value)
     assert not out.exists()
 
@@ -155,8 +156,10 @@ def test_train_config_refuses_bad_numbers(overrides, message):
 
 def test_train_config_takes_a_zero_floor_and_the_cli_names_the_option(tmp_path, capsys):
     assert TrainConfig(lr_min=0.0, epochs_gt=0).lr_min == 0.0  # a cosine decay to zero is a choice, not an error
-    for option, value in [("--lr-min", "-0.0001"), ("--batch-size", "0"), ("--seeds", "0"), ("--epochs", "-1")]:
-        code, err = run_cli(capsys, "train", "--data", tmp_path / "none", "--out", tmp_path / "p", f"{option}={value}")
+    settings = [("lr_min", "-0.0001"), ("--batch-size", "0"), ("--seeds", "0"), ("epochs_gt", "-1")]
+    for option, value in settings:
+        given = [f"{option}={value}"] if option.startswith("--") else ["--set", f"{option}={value}"]
+        code, err = run_cli(capsys, "train", "--data", tmp_path / "none", "--out", tmp_path / "p", *given)
         assert_one_line_error(code, err, "train", f"{option} must be", value)  # the option, not the config field
     assert not (tmp_path / "p").exists()
 
@@ -315,8 +318,8 @@ def test_a_prompt_file_that_is_not_utf8_names_the_file(tmp_path, capsys, command
 
 
 def test_malformed_integer_lists_are_one_line(tmp_path, capsys):
-    code, err = run_cli(capsys, "train", "--data", tmp_path, "--out", tmp_path / "p", "--windows", "4,a,8")
-    assert_one_line_error(code, err, "train", "--windows", "'4,a,8'")
+    code, err = run_cli(capsys, "train", "--data", tmp_path, "--out", tmp_path / "p", "--set", "windows=4,a,8")
+    assert_one_line_error(code, err, "train", "--set windows", "'a'")
     code, err = run_cli(capsys, "bench", "--prompts", tmp_path / "p.txt", "--out", tmp_path / "b", "--intervals", "x")
     assert_one_line_error(code, err, "bench", "--intervals expects comma-separated integers")
     assert "----" not in err

@@ -86,7 +86,7 @@ def test_polynomial_fit_and_threshold_search():
 
 def test_diffusers_taylorseer_rhythm_matches_the_budget_count():
     for interval in (5, 7, 10):
-        budget = Budget(interval, 3, 50)
+        budget = Budget(StepSchedule(interval, 3), 50)
         before, every = diffusers_taylorseer_rhythm(budget)
         count = sum(1 for s in range(50) if s < before or (s - before - 1) % every == 0)
         assert count == budget.full_steps

@@ -13,7 +13,8 @@ from torch.utils._pytree import tree_leaves
 import lesa
 from lesa.cli import _parser, _train_config
 from lesa.runtime import get_runtime
-from lesa.train import TrainConfig, Trainer
+from lesa.training import TrainConfig, Trainer
+from lesa.training.phases import frozen_pipeline
 
 # the calibrated recipe's gradient at test size: the exact gradient, an early-cycle term and a learned correction
 CALIBRATED = dict(QUICK_CALIBRATED, history_grad=True, loss_cycles=1, correction=True)
@@ -65,11 +66,12 @@ def one_epoch(
     sets it up): trainer, predictor, the epoch's mean loss."""
     config = TrainConfig(**{**CALIBRATED, **settings}, epochs_clar=1)
     trainer = Trainer(recording, pipe, out, config, **QUIET)
-    predictor = trainer.new_predictor(0)
-    groups = trainer._param_groups(predictor, config.lr_clar)
+    phases = trainer.phases()
+    predictor = phases.new_predictor(0)
+    groups = phases.param_groups(predictor, config.lr_clar)
     optimizer = optimizer(groups, lr=config.lr_clar, weight_decay=config.weight_decay)
-    total = trainer._updates_per_epoch("clar")
-    loss = trainer.clar_epoch(predictor, optimizer, {"t": 0}, 1, total, "test")
+    total = phases.updates_per_epoch("clar")
+    loss = phases.clar_epoch(predictor, optimizer, {"t": 0}, 1, total, "test")
     return trainer, predictor, loss
 
 
@@ -79,7 +81,7 @@ def test_closed_loop_trains_the_predictor_alone(pipe, recording, tmp_path):
     before = component_flags(pipe)
     assert any(any(flags) for flags in before.values())  # trainable as loaded: freezing them is the epoch's doing
     trainer, predictor, _ = one_epoch(pipe, recording, tmp_path / "p")
-    start = trainer.new_predictor(0)
+    start = trainer.phases().new_predictor(0)
     assert any(not torch.equal(a, b) for a, b in zip(predictor.parameters(), start.parameters(), strict=True))
     held = [name for name, module in pipe.components.items() if isinstance(module, torch.nn.Module)]
     held = [name for name in held if any(p.grad is not None for p in pipe.components[name].parameters())]
@@ -90,8 +92,9 @@ def test_closed_loop_trains_the_predictor_alone(pipe, recording, tmp_path):
 def rollout(pipe, trainer: Trainer, predictor, checkpoint_trunk: bool) -> tuple[list[torch.Tensor], dict, dict]:
     """The gradient of `final_loss` on two training trajectories over every predictor weight, the live tensor bytes
     after the forward and at the peak of forward + backward, and the runtime's counts."""
+    phases = trainer.phases()
     batch = trainer.train_idx[:2]
-    data = [trainer.rec.load(i) for i in batch]
+    data = [trainer.data.load(i) for i in batch]
     config = lesa.LESAConfig(
         predictor=predictor,
         differentiable=True,
@@ -101,8 +104,8 @@ def rollout(pipe, trainer: Trainer, predictor, checkpoint_trunk: bool) -> tuple[
     )
     lesa.enable(pipe, config)
     try:
-        with trainer._frozen_pipeline(), LiveTensorBytes() as memory:
-            loss = trainer.final_loss(batch, data)
+        with frozen_pipeline(pipe), LiveTensorBytes() as memory:
+            loss = phases.final_loss(batch, data)
             forward = memory.now
             grads = torch.autograd.grad(loss, list(predictor.parameters()))
         counts = get_runtime(pipe.transformer).summary()
@@ -116,7 +119,7 @@ def test_checkpointing_the_trunk_keeps_the_gradient_and_bounds_the_memory(pipe, 
     keeps far less for backward: each block's inputs instead of its activations. The bookkeeping (block calls, the
     policy's history) runs once per call: recomputation re-runs the block forwards alone."""
     trainer = Trainer(recording, pipe, tmp_path / "p", TrainConfig(**CALIBRATED), **QUIET)
-    predictor = trainer.new_predictor(0)
+    predictor = trainer.phases().new_predictor(0)
     plain, plain_memory, plain_counts = rollout(pipe, trainer, predictor, checkpoint_trunk=False)
     checked, checked_memory, checked_counts = rollout(pipe, trainer, predictor, checkpoint_trunk=True)
     assert all(torch.equal(a, b) for a, b in zip(plain, checked, strict=True))
@@ -141,7 +144,7 @@ def test_micro_batches_accumulate_the_whole_batch_update(pipe, recording, tmp_pa
     def max_abs_diff(a: torch.nn.Module, b: torch.nn.Module) -> float:
         return max(float((x - y).detach().abs().max()) for x, y in zip(a.parameters(), b.parameters(), strict=True))
 
-    diff, moved = max_abs_diff(whole, micro), max_abs_diff(whole, trainer.new_predictor(0))
+    diff, moved = max_abs_diff(whole, micro), max_abs_diff(whole, trainer.phases().new_predictor(0))
     print(f"micro-batch 1 vs whole batch: loss {micro_loss} / {whole_loss}, max abs weight difference {diff:.2e}")
     print(f"(the epoch moved the weights by up to {moved:.2e})")
     assert micro_loss == pytest.approx(whole_loss, rel=1e-6)
@@ -162,6 +165,6 @@ def test_train_cli_sets_the_memory_options():
     default = config()
     assert (default.micro_batch, default.checkpoint_trunk) == (None, True)
     assert config("--micro-batch", "2").micro_batch == 2
-    assert config("--no-checkpoint-trunk").checkpoint_trunk is False
+    assert config("--set", "checkpoint_trunk=false").checkpoint_trunk is False
     with pytest.raises(ValueError, match="micro_batch splits"):
         config("--recipe", "paper", "--micro-batch", "2")

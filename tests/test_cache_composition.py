@@ -157,7 +157,7 @@ def test_disable_cache_removes_lesa_and_is_cache_enabled_follows_it(clean, refer
 
 
 def test_models_without_cache_mixin_keep_working():
-    from lesa.models import tiny_sd3_pipeline
+    from lesa.testing import tiny_sd3_pipeline
 
     transformer = tiny_sd3_pipeline().transformer
     assert not hasattr(transformer, "enable_cache")

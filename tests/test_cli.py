@@ -38,14 +38,14 @@ def test_record_train_generate_through_the_cli(pipe_dir, tmp_path, capsys):
         7,
         "--warmup",
         3,
-        "--phases",
-        "gt,clar",
-        "--epochs",
-        1,
-        "--epochs-clar",
-        1,
-        "--kan-hidden",
-        "8,8",
+        "--set",
+        "phases=gt,clar",
+        "--set",
+        "epochs_gt=1",
+        "--set",
+        "epochs_clar=1",
+        "--set",
+        "kan_hidden=8,8",
         "--batch-size",
         2,
     )
@@ -104,27 +104,31 @@ def test_record_train_generate_through_the_cli(pipe_dir, tmp_path, capsys):
 def test_train_options_override_the_recipe():
     """The calibrated recipe trains with the exact gradient at lr 1e-4 and scores the latents of the first two cache
     cycles; the paper recipe detaches the history and scores neither; an option given explicitly wins over either
-    (--no-history-grad turns the recipe's on off), and a loss other than "final" drops the recipe's early cycles."""
+    (--set history_grad=false turns the recipe's on off), and a loss other than "final" drops the recipe's early
+    cycles."""
 
     def config(*flags):
-        return _train_config(_parser().parse_args(["train", "--data", "d", "--out", "o", *flags]))
+        return _train_config(_parser().parse_args(["train", "--data", "d", "--out", "o", *map(str, flags)]))
 
     default, paper = config(), config("--recipe", "paper")
     assert (default.history_grad, default.lr_clar, default.loss, default.loss_cycles) == (True, 1e-4, "final", 2)
     assert (paper.history_grad, paper.lr_clar, paper.loss, paper.loss_cycles) == (False, 3e-3, "step", 0)
-    assert config("--no-history-grad").history_grad is False
-    assert config("--recipe", "paper", "--history-grad", "--lr-clar", "1e-4").history_grad is True
-    assert config("--recipe", "paper", "--lr-clar", "1e-4").lr_clar == 1e-4
-    assert config("--loss-cycles", "0").loss_cycles == 0
-    assert (config("--loss", "cycle").loss, config("--loss", "cycle").loss_cycles) == ("cycle", 0)
+    assert config("--set", "history_grad=false").history_grad is False
+    assert config("--recipe", "paper", "--set", "history_grad=true", "--set", "lr_clar=1e-4").history_grad is True
+    assert config("--recipe", "paper", "--set", "lr_clar=1e-4").lr_clar == 1e-4
+    assert config("--set", "loss_cycles=0").loss_cycles == 0
+    assert (config("--set", "loss=cycle").loss, config("--set", "loss=cycle").loss_cycles) == ("cycle", 0)
     with pytest.raises(ValueError, match="loss_cycles must be >= 0 and needs loss 'final'"):
-        config("--loss", "cycle", "--loss-cycles", "2")
+        config("--set", "loss=cycle", "--set", "loss_cycles=2")
     # the correction: chosen on validation by default, on / off when asked; --val-data trains on all by default
     assert (default.correction, paper.correction) == ("auto", False)
-    assert config("--correction").correction is True and config("--correction", "on").correction is True
-    assert config("--no-correction").correction is False and config("--correction", "off").correction is False
+    assert config("--set", "correction=true").correction is True and config("--set", "correction=on").correction is True
+    assert (
+        config("--set", "correction=false").correction is False
+        and config("--set", "correction=off").correction is False
+    )
     assert (default.val_fraction, config("--val-data", "v").val_fraction) == (0.2, 0.0)
-    assert config("--val-data", "v", "--val-fraction", "0.2").val_fraction == 0.2
+    assert config("--val-data", "v", "--set", "val_fraction=0.2").val_fraction == 0.2
 
 
 def test_cli_errors_are_specific(tmp_path, capsys):
@@ -210,3 +214,42 @@ def test_readme_command_uses_the_shipped_model_and_predictor(tmp_path):
     # the shipped model gets background, colour and position right on every evaluation prompt (shape on 44 %)
     checks = check_caption(np.asarray(image), prompt)
     assert checks["background"] and checks["colour"] and checks["position"]
+
+
+def test_train_settings_come_from_the_config_and_its_docs(tmp_path, capsys):
+    """`lesa train --set` parses every field by its type, --config reads what --print-config prints (a recipe's
+    value is overridden only by what was given), and docs/train-settings.md lists every setting as the code has it."""
+    from pathlib import Path
+
+    from lesa.training.config import settings_doc
+
+    def config(*flags):
+        return _train_config(_parser().parse_args(["train", "--data", "d", "--out", "o", *map(str, flags)]))
+
+    given = config("--set", "windows=4,8,8", "--set", "thresholds=0.9,0.4", "--set", "micro_batch=none")
+    assert (given.windows, given.history, given.thresholds, given.micro_batch) == ((4, 8, 8), 8, (0.9, 0.4), None)
+    code, out, _ = run_cli(
+        capsys, "train", "--data", "d", "--out", "o", "--recipe", "paper", "--set", "seed=3", "--print-config"
+    )
+    assert code == 0 and json.loads(out)["seed"] == 3
+    saved = tmp_path / "settings.json"
+    saved.write_text(out)
+    assert config("--config", saved) == config("--recipe", "paper", "--set", "seed=3")
+    assert config("--config", saved, "--set", "seed=4").seed == 4  # the command line wins over the file
+    toml = tmp_path / "settings.toml"
+    toml.write_text("epochs_clar = 2\nwindows = [3, 3, 3]\n")
+    assert (config("--config", toml).epochs_clar, config("--config", toml).windows) == (2, (3, 3, 3))
+    for flags, message in [
+        (("--set", "epochs"), "--set expects key=value"),
+        (("--set", "epoch_clar=1"), "--set epoch_clar: no such setting"),
+        (("--set", "history_grad=maybe"), "expects true or false"),
+        (("--config", tmp_path / "none.json"), "none.json does not exist"),
+    ]:
+        with pytest.raises((ValueError, FileNotFoundError), match=message):
+            config(*flags)
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"epochs_clar": 1, "lr": 2}')
+    with pytest.raises(ValueError, match="unknown setting\\(s\\) lr"):
+        config("--config", bad)
+    docs = Path(__file__).resolve().parents[1] / "docs" / "train-settings.md"
+    assert docs.read_text() == settings_doc()

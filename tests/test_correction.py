@@ -7,7 +7,7 @@ import lesa
 from lesa.config import TaylorSeerConfig, TeaCacheConfig
 from lesa.correction import FullStepCorrector, first_cycles, reach
 from lesa.predictor import LESAPredictor
-from lesa.train import TrainConfig, Trainer
+from lesa.training import TrainConfig, Trainer
 
 FULL = [0, 1, 2, 3, 10, 17, 24]
 
@@ -84,25 +84,26 @@ def test_learned_correction_trains_saves_and_averages(pipe, recording, tmp_path)
     (the mean), and `learned_correction=False` turns it off."""
     config = TrainConfig(**QUICK_CALIBRATED, epochs_clar=1, correction=True, correction_start=0.25, correction_cycles=1)
     trainer = Trainer(recording, pipe, tmp_path / "p", config, **QUIET)
-    predictor = trainer.new_predictor(0)
-    first = trainer.cycle_ends()[0]
-    assert trainer.start_correction() == {first: 0.25}
+    phases = trainer.phases()
+    predictor = phases.new_predictor(0)
+    first = phases.cycle_ends()[0]
+    assert phases.start.correction == {first: 0.25}
     assert predictor.correction[first] == 0.25 and predictor.correction.abs().sum() == 0.25
     batch = trainer.train_idx[:2]
     data = [recording.load(i) for i in batch]
     lesa.enable(pipe, lesa.LESAConfig(predictor=predictor, differentiable=True, count_flops=False))
     try:
-        (grad,) = torch.autograd.grad(trainer.final_loss(batch, data), [predictor.correction])
+        (grad,) = torch.autograd.grad(phases.final_loss(batch, data), [predictor.correction])
     finally:
         lesa.disable(pipe)
-    corrected = [s for s in trainer.cycle_ends() if reach(None, trainer.schedule.full_steps(50), s)]
+    corrected = [s for s in phases.cycle_ends() if reach(None, phases.schedule.full_steps(50), s)]
     assert all(grad[s] != 0 for s in corrected)
     assert all(grad[s] == 0 for s in range(50) if s not in corrected)
 
     predictor.save_pretrained(tmp_path / "saved")
     loaded = LESAPredictor.from_pretrained(tmp_path / "saved")
     assert loaded.config.correction and torch.equal(loaded.correction, predictor.correction)
-    other = trainer.new_predictor(1)
+    other = phases.new_predictor(1)
     with torch.no_grad():
         other.correction[first] = 0.75
     assert float(LESAPredictor.ensemble([predictor, other]).correction.detach()[first]) == pytest.approx(0.5)

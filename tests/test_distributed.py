@@ -17,15 +17,17 @@ from safetensors.torch import load_file
 
 import lesa
 import lesa.record as record_module
-from lesa.record import Recording, ShardWriter, record
-from lesa.train import TrainConfig, Trainer, weights_digest
+from lesa.record import ShardWriter, record
+from lesa.recording import Recording
+from lesa.training import TrainConfig, Trainer, weights_digest
 
 QUIET = dict(progress=False, log=lambda *_: None)
 STEPS = 10
 PROMPTS = [f"a distributed prompt {i}" for i in range(6)]
 # the CLI flags and the TrainConfig of the same training run
 TRAIN_FLAGS = (
-    "--recipe paper --epochs 2 --epochs-clar 1 --batch-size 3 --val-fraction 0.25 --kan-hidden 8,8 --interval 3 "
+    "--recipe paper --set epochs_gt=2 --set epochs_clar=1 --batch-size 3 --set val_fraction=0.25 --set kan_hidden=8,8 "
+    "--interval 3 "
     "--warmup 2"
 )
 TRAIN_CONFIG = dict(
@@ -42,17 +44,18 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def torchrun(args: list[str], tmp_path: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """`torchrun --standalone --nproc_per_node=2 -m lesa ARGS` on CPU (gloo), one thread per rank."""
+def torchrun(args: list[str], tmp_path: Path, kill_after: str | None = None) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc_per_node=2 -m lesa ARGS` on CPU (gloo), one thread per rank; with `kill_after`
+    "RANK:K", rank RANK dies abruptly after it wrote K shards (record_kill_worker.py runs the CLI then)."""
     src = str(Path(lesa.__file__).resolve().parents[1])
     full_env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]),
         "OMP_NUM_THREADS": "1",
         "CUDA_VISIBLE_DEVICES": "",
-        **(env or {}),
     }
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "lesa", *args]
+    entry = [str(Path(__file__).with_name("record_kill_worker.py")), kill_after] if kill_after else ["-m", "lesa"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *entry, *args]
     return subprocess.run(cmd, cwd=tmp_path, env=full_env, capture_output=True, text=True, timeout=120)
 
 
@@ -148,7 +151,7 @@ def two_rank_run(tmp_path_factory, pipe) -> dict:
     run: dict = {"dir": work, "times": {}}
     t = time.perf_counter()
     # rank 1 dies abruptly after its first shard; torchrun then stops rank 0 wherever it is
-    run["killed"] = torchrun(rec_args, work, env={record_module.EXIT_AFTER_ENV: "1:1"})
+    run["killed"] = torchrun(rec_args, work, kill_after="1:1")
     run["left"] = {p.name: p.read_bytes() for p in shards.glob("*.safetensors")}
     run["stamp"] = (shards / "000001.safetensors").stat().st_mtime_ns if (shards / "000001.safetensors").exists() else 0
     run["times"]["killed record"] = time.perf_counter() - t
@@ -235,7 +238,7 @@ def test_two_ranks_train_both_phases_like_one_process(two_rank_run, one_process_
 def test_two_ranks_train_the_default_recipe_in_step(two_rank_run):
     """The default recipe starts with the closed loop (no DDP phase whose construction would sync the replicas):
     the ranks must start from, and keep, bit-identical weights."""
-    flags = "--epochs-clar 1 --batch-size 3 --val-fraction 0.25 --kan-hidden 8,8 --interval 3 --warmup 2"
+    flags = "--set epochs_clar=1 --batch-size 3 --set val_fraction=0.25 --set kan_hidden=8,8 --interval 3 --warmup 2"
     trained = torchrun(["train", "--data", "rec", "--out", "pred-default", *flags.split()], two_rank_run["dir"])
     assert trained.returncode == 0, trained.stderr[-3000:]
     log = json.loads((two_rank_run["dir"] / "pred-default" / "training_log.json").read_text())

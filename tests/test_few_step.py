@@ -6,8 +6,9 @@ from conftest import SIZE, generate
 
 import lesa
 from lesa.cli import main
-from lesa.record import Recording, record
-from lesa.train import TrainConfig, Trainer
+from lesa.record import record
+from lesa.recording import Recording
+from lesa.training import TrainConfig, Trainer
 
 QUIET = dict(progress=False, log=lambda *_: None)
 
@@ -29,7 +30,7 @@ def test_the_papers_warmup_leaves_nothing_to_cache_and_training_says_why(pipe, f
 def test_a_short_schedule_caches_with_windows_shrunk_to_the_available_history(pipe, four_steps, tmp_path):
     config = TrainConfig(interval=2, warmup=0, epochs_gt=1, epochs_clar=1, kan_hidden=(4,), batch_size=2)
     trainer = Trainer(four_steps, pipe, tmp_path, config, **QUIET)
-    assert trainer.cached_steps == [1, 3]
+    assert trainer.phases().cached_steps == [1, 3]
     predictor = trainer.run()
     # step 3 can see at most 3 earlier features: K = 4 / 8 would never fill, so K shrinks to 3 (and history too)
     assert predictor.config.windows == [3, 3, 3] and predictor.config.history == 3

@@ -16,8 +16,9 @@ from conftest import PROMPTS, SIZE, tiny_predictor
 from lesa.checkpoint import load_checkpoint, save_checkpoint
 from lesa.cli import main
 from lesa.predictor import LESAPredictor
-from lesa.record import Recording, record
-from lesa.train import TrainConfig, Trainer
+from lesa.record import record
+from lesa.recording import Recording
+from lesa.training import TrainConfig, Trainer
 
 QUIET = dict(progress=False, log=lambda *_: None)
 QUICK = TrainConfig(phases=("gt",), epochs_gt=1, batch_size=3, kan_hidden=(8, 8), val_fraction=0.25)

@@ -83,7 +83,7 @@ def test_a_hub_repo_id_loads_as_a_directory_would(hub, tmp_path):
     assert all(c["repo_id"] == REPO and c["library_name"] == "lesa" for c in hub.calls)
     assert all(c[k] == v for c in hub.calls for k, v in kwargs.items())  # passed through as given
     # and through LESAConfig, whose schedule defaults to the downloaded predictor's
-    config = lesa.LESAConfig(predictor=REPO)
+    config = lesa.LESAConfig(predictor=REPO).resolve()
     assert_same_forecasts(original, config.predictor)
     assert (config.interval, config.warmup) == (original.config.interval, original.config.warmup)
 

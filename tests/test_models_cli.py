@@ -25,7 +25,8 @@ def record_and_train(capsys, tmp_path, model, *call_args):
     assert code == 0, err
     assert "MiB per prompt" in out and "recorded 4 prompt(s)" in out
     train = ["train", "--data", tmp_path / "rec", "--out", tmp_path / "pred", "--interval", 3, "--warmup", 1]
-    train += ["--epochs", 1, "--epochs-clar", 1, "--kan-hidden", "4", "--batch-size", 2, "--val-fraction", 0.25]
+    train += ["--set", "epochs_gt=1", "--set", "epochs_clar=1", "--set", "kan_hidden=4", "--batch-size", 2]
+    train += ["--set", "val_fraction=0.25"]
     code, out, err = cli(capsys, *train)
     assert code == 0, err
     return json.loads((tmp_path / "pred" / "config.json").read_text())

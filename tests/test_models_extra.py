@@ -4,14 +4,14 @@ import pytest
 import torch
 
 import lesa
-from lesa.models import (
+from lesa.predictor import LESAPredictor, PredictorConfig
+from lesa.testing import (
     tiny_flux_pipeline,
     tiny_hunyuanvideo_pipeline,
     tiny_qwenimage_pipeline,
     tiny_sd3_pipeline,
     tiny_wan_pipeline,
 )
-from lesa.predictor import LESAPredictor, PredictorConfig
 
 STEPS = 10
 # Qwen-Image: 32x32 pixels -> 16 tokens; video: 16x16 pixels, 5 frames -> 2x2x2 latents
@@ -232,9 +232,10 @@ def test_the_hook_coexists_with_model_cpu_offload():
 def test_batched_cfg_is_recorded_per_prompt_in_the_call_layout(tmp_path):
     """SD3 batches [uncond, cond] into one transformer call: a recording keeps both chunks per prompt, and the
     closed-loop targets of a batch of prompts line up with the taps of the batched call."""
-    from lesa.record import Recording, record
+    from lesa.record import record
+    from lesa.recording import Recording
     from lesa.runtime import get_runtime
-    from lesa.train import as_call_batch
+    from lesa.training import as_call_batch
 
     pipe = tiny_sd3_pipeline()
     pipe.set_progress_bar_config(disable=True)

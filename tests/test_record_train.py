@@ -9,8 +9,9 @@ from conftest import PROMPTS, SIZE, STEPS, kill_at_score
 import lesa
 import lesa.record as record_module
 from lesa.checkpoint import load_checkpoint, save_checkpoint
-from lesa.record import Recording, read_prompts, record
-from lesa.train import TrainConfig, Trainer, one_step_errors
+from lesa.record import read_prompts, record
+from lesa.recording import Recording
+from lesa.training import TrainConfig, Trainer, one_step_errors
 
 QUIET = dict(progress=False, log=lambda *_: None)
 # the `calibrated` recipe's settings at test size (closed loop only, final-latent loss, started at damped TaylorSeer O1)
@@ -210,7 +211,7 @@ def test_training_resumes_exactly_where_it_stopped(pipe, recording, tmp_path, mo
 
 
 def test_training_needs_a_held_out_trajectory(pipe, recording, tmp_path):
-    from lesa.train import split_indices
+    from lesa.training import split_indices
 
     with pytest.raises(ValueError, match="at least 2 recorded trajectories"):
         split_indices(1, 0.2)
@@ -227,6 +228,12 @@ def test_training_needs_a_held_out_trajectory(pipe, recording, tmp_path):
         split_indices(3, 0.2, ["same"] * 3)
 
 
+def damped_config(trainer: Trainer) -> lesa.TaylorSeerConfig:
+    """Damped TaylorSeer O1 on a trainer's uniform schedule, its damping fitted on the training trajectories."""
+    schedule = trainer.phases().schedule
+    return lesa.TaylorSeerConfig(interval=7, warmup=3, order=1, damping=trainer.fits.damping(schedule))
+
+
 def test_full_step_memory_starts_exactly_at_damped_taylorseer(pipe, recording, tmp_path):
     """memory "full" + gain_init "damped": before training, the predictor is TaylorSeer O1 with the damping fitted on
     the training trajectories; its history holds full-step features only."""
@@ -238,9 +245,10 @@ def test_full_step_memory_starts_exactly_at_damped_taylorseer(pipe, recording, t
 
     config = TrainConfig(memory="full", gain_init="damped", windows=(3, 3, 3), history=3, val_fraction=0.25)
     trainer = Trainer(recording, pipe, tmp_path / "p", config, **QUIET)
-    predictor = trainer.new_predictor(0)
+    predictor = trainer.phases().new_predictor(0)
     g = fit_damping(recording, StepSchedule(7, 3), trainer.train_idx)
-    assert trainer.damping == pytest.approx(g) and predictor.config.gain_bias == pytest.approx(g)
+    damping = trainer.fits.damping(trainer.phases().schedule)
+    assert damping == pytest.approx(g) and predictor.config.gain_bias == pytest.approx(g)
     assert predictor.past_steps(20) == [3, 10, 17]  # the last three full steps (0, 1, 2, 3, 10, 17, ...)
     assert predictor.reach(20) == pytest.approx(3 / 7) and predictor.reach(5) == pytest.approx(2 / 1)
     try:
@@ -255,7 +263,7 @@ def test_full_step_memory_starts_exactly_at_damped_taylorseer(pipe, recording, t
     assert (ours - damped).abs().max() < 1e-4 < (ours - plain).abs().max()
     # gain_init "reuse": exactly FORA until trained
     reuse = Trainer(recording, pipe, tmp_path / "r", dataclasses.replace(config, gain_init="reuse"), **QUIET)
-    predictor = reuse.new_predictor(0)
+    predictor = reuse.phases().new_predictor(0)
     assert predictor.config.gain_bias == 0.0
     try:
         lesa.enable(pipe, lesa.LESAConfig(predictor=predictor))
@@ -268,10 +276,10 @@ def test_full_step_memory_starts_exactly_at_damped_taylorseer(pipe, recording, t
     # "best" (no step filters): whichever of reuse and damped TaylorSeer scores higher on the held-out split
     best = Trainer(recording, pipe, tmp_path / "b", dataclasses.replace(config, gain_init="best"), **QUIET)
     scores = {
-        "reuse": best.closed_loop_error(lesa.FORAConfig(interval=7, warmup=3))["psnr"],
-        "damped": best._damped_score(),
+        "reuse": best.scorer.score(lesa.FORAConfig(interval=7, warmup=3))["psnr"],
+        "damped": best.scorer.score(damped_config(best))["psnr"],
     }
-    assert best.start == max(scores, key=scores.get)
+    assert best.phases().start.kind == max(scores, key=scores.get)
     with pytest.raises(ValueError, match="need memory 'full'"):
         TrainConfig(gain_init="damped")
     with pytest.raises(ValueError, match="loss must be one of step, cycle"):
@@ -282,8 +290,8 @@ def test_cycle_loss_updates_once_per_cache_cycle_and_selects_by_psnr(pipe, recor
     config = TrainConfig(**{**QUICK_CALIBRATED, "loss": "cycle"}, epochs_clar=2, target="output")
     trainer = Trainer(recording, pipe, tmp_path / "p", config, **QUIET)
     # 50 steps, N = 7, E = 3: cycles after full steps 3, 10, 17, 24, 31, 38, 45 -> 7 cycles, one context
-    assert trainer._updates_per_rollout("clar") == 7 and trainer._updates_per_rollout("gt") == 40
-    start = {k: v.clone() for k, v in trainer.new_predictor(0).state_dict().items()}
+    assert trainer.phases().updates_per_rollout("clar") == 7 and trainer.phases().updates_per_rollout("gt") == 40
+    start = {k: v.clone() for k, v in trainer.phases().new_predictor(0).state_dict().items()}
     trained = trainer.run()
     assert any(not torch.equal(v, trained.state_dict()[k]) for k, v in start.items())
     log = json.loads((tmp_path / "p" / "training_log.json").read_text())
@@ -301,7 +309,7 @@ def test_schedule_search_is_stored_in_the_artefact_and_run(pipe, recording, tmp_
     predictor runs exactly those steps; a resumed run does not search."""
     from conftest import generate
 
-    import lesa.train as train_module
+    import lesa.training.placement as train_module
     from lesa.evaluate.methods import bench_schedules, fixed_methods, lesa_methods
     from lesa.runtime import get_runtime
 
@@ -368,7 +376,7 @@ def test_a_validation_recording_replaces_the_held_out_split(pipe, recording, val
     validation recording's, and the artefact names it. A validation recording of other settings or of a prompt that
     is trained on is refused, naming the field or the prompt."""
     from lesa.config import FORAConfig
-    from lesa.train import check_validation_recording, split_indices
+    from lesa.training import check_validation_recording, split_indices
 
     config = TrainConfig(**{**QUICK_CALIBRATED, "val_fraction": 0.0}, epochs_clar=1)
     with pytest.raises(ValueError, match="val_fraction 0 holds nothing out"):
@@ -376,11 +384,11 @@ def test_a_validation_recording_replaces_the_held_out_split(pipe, recording, val
     trainer = Trainer(recording, pipe, tmp_path / "p", config, validation=validation, **QUIET)
     n = len(recording)
     assert trainer.train_idx == list(range(n)) and trainer.val_idx == [n, n + 1, n + 2]
-    assert trainer._prompt(n + 1) == validation.entries[1]["prompt"]
-    assert torch.equal(trainer._load(n + 2)["final"], validation.load(2)["final"])
+    assert trainer.data.prompt(n + 1) == validation.entries[1]["prompt"]
+    assert torch.equal(trainer.data.load(n + 2)["final"], validation.load(2)["final"])
     fora = FORAConfig(interval=7, warmup=3, count_flops=False)
     alone = Trainer(validation, pipe, tmp_path / "unused", TrainConfig(**QUICK_CALIBRATED), **QUIET)
-    assert trainer.closed_loop_error(fora) == alone.closed_loop_error(fora, [0, 1, 2])
+    assert trainer.scorer.score(fora) == alone.scorer.score(fora, [0, 1, 2])
     trainer.run()
     log = json.loads((tmp_path / "p" / "training_log.json").read_text())
     assert log["train_trajectories"] == n and log["val_trajectories"] == 3
@@ -403,7 +411,7 @@ def test_a_validation_recording_replaces_the_held_out_split(pipe, recording, val
 def test_correction_auto_trains_both_and_keeps_the_better(pipe, recording, validation, tmp_path, monkeypatch):
     """Correction "auto" trains each placement with and without the learned correction, keeps the best of the four
     on validation, and stores the choice with the placement: another seed trains only that variant."""
-    import lesa.train as train_module
+    import lesa.training.placement as train_module
 
     monkeypatch.setattr(train_module, "SEARCH_TRAJECTORIES", 3)
     config = TrainConfig(**QUICK_CALIBRATED, interval=20, epochs_clar=1, schedule="plan", correction="auto")
@@ -445,7 +453,7 @@ def test_linear_start_is_exactly_the_least_squares_forecaster(pipe, recording, t
         memory="full", gain_init="linear", step_filters=True, windows=(2, 3, 3), history=3, val_fraction=0.25
     )
     trainer = Trainer(recording, pipe, tmp_path / "p", config, **QUIET)
-    predictor = trainer.new_predictor(0)
+    predictor = trainer.phases().new_predictor(0)
     assert predictor.config.step_filters and set(predictor.step_filters) == {"cond"}
     predictor.save_pretrained(tmp_path / "saved")
     loaded = LESAPredictor.from_pretrained(tmp_path / "saved")
@@ -456,7 +464,9 @@ def test_linear_start_is_exactly_the_least_squares_forecaster(pipe, recording, t
             lesa.LESAConfig(predictor=predictor),
             lesa.LESAConfig(predictor=loaded),
             LinearForecastConfig(interval=7, warmup=3, weights=weights),
-            lesa.TaylorSeerConfig(interval=7, warmup=3, order=1, damping=trainer.damping),
+            lesa.TaylorSeerConfig(
+                interval=7, warmup=3, order=1, damping=trainer.fits.damping(trainer.phases().schedule)
+            ),
         ):
             lesa.enable(pipe, cache)
             outputs.append(generate(pipe))
@@ -469,17 +479,17 @@ def test_linear_start_is_exactly_the_least_squares_forecaster(pipe, recording, t
     # held-out split
     best = Trainer(recording, pipe, tmp_path / "b", dataclasses.replace(config, gain_init="best"), **QUIET)
     scores = {
-        "reuse": best.closed_loop_error(lesa.FORAConfig(interval=7, warmup=3))["psnr"],
-        "damped": best._damped_score(),
-        "linear": best.closed_loop_error(LinearForecastConfig(interval=7, warmup=3, weights=weights))["psnr"],
+        "reuse": best.scorer.score(lesa.FORAConfig(interval=7, warmup=3))["psnr"],
+        "damped": best.scorer.score(damped_config(best))["psnr"],
+        "linear": best.scorer.score(LinearForecastConfig(interval=7, warmup=3, weights=weights))["psnr"],
     }
-    assert best.start == max(scores, key=scores.get)
+    assert best.phases().start.kind == max(scores, key=scores.get)
     # the differentiable training path gives the same forecast as the folded inference table
     history = [torch.randn(5) for _ in range(3)]
-    table = predictor.coefficient_table("cond", trainer.sigmas)
+    table = predictor.coefficient_table("cond", trainer.data.sigmas())
     c, c0 = table[12]
     folded = LESAPredictor.apply_coefficients([h.clone() for h in history], c, c0)
-    assert torch.allclose(predictor.forecast(history, "cond", 12, trainer.sigmas), folded, atol=1e-5)
+    assert torch.allclose(predictor.forecast(history, "cond", 12, trainer.data.sigmas()), folded, atol=1e-5)
 
 
 def test_final_loss_back_propagates_through_the_sampler(pipe, recording, tmp_path):
@@ -488,16 +498,16 @@ def test_final_loss_back_propagates_through_the_sampler(pipe, recording, tmp_pat
     cached steps get gradients too, through the latents (their features in the history stay detached)."""
     config = TrainConfig(**QUICK_CALIBRATED, step_filters=True, epochs_clar=1)
     trainer = Trainer(recording, pipe, tmp_path / "p", config, **QUIET)
-    assert trainer._updates_per_rollout("clar") == 1
-    predictor = trainer.new_predictor(0)
+    assert trainer.phases().updates_per_rollout("clar") == 1
+    predictor = trainer.phases().new_predictor(0)
     (table,) = predictor.step_filters.values()  # one context: a (steps x K) filter table, one row per step
-    last_full = max(trainer.schedule.full_steps(trainer.num_steps))
+    last_full = max(trainer.variant().full_steps)
     batch = trainer.train_idx[:2]
     data = [recording.load(i) for i in batch]
     lesa.enable(pipe, lesa.LESAConfig(predictor=predictor, differentiable=True, count_flops=False))
     try:
-        (grad,) = torch.autograd.grad(trainer.final_loss(batch, data), [table])
-        assert grad[trainer.cached_steps[0]].abs().sum() > 0  # the first cache cycle reaches the final latent
+        (grad,) = torch.autograd.grad(trainer.phases().final_loss(batch, data), [table])
+        assert grad[trainer.phases().cached_steps[0]].abs().sum() > 0  # the first cache cycle reaches the final latent
         direction = torch.zeros_like(grad)
         direction[last_full + 1 :] = grad[last_full + 1 :]
         norm = float(direction.norm())
@@ -506,7 +516,7 @@ def test_final_loss_back_propagates_through_the_sampler(pipe, recording, tmp_pat
         def loss_at(t: float) -> float:
             with torch.no_grad():
                 table.add_(t * direction / norm)
-                value = float(trainer.final_loss(batch, data))
+                value = float(trainer.phases().final_loss(batch, data))
                 table.sub_(t * direction / norm)
             return value
 
@@ -528,13 +538,13 @@ def test_anchor_pulls_every_update_back_toward_the_start(pipe, recording, tmp_pa
     def moved(anchor: float) -> float:
         config = TrainConfig(**QUICK_CALIBRATED, anchor=anchor)
         trainer = Trainer(recording, pipe, tmp_path / f"a{anchor}", config, **QUIET)
-        predictor = trainer.new_predictor(0)
+        predictor = trainer.phases().new_predictor(0)
         start = [p.detach().clone() for p in predictor.parameters()]
         optimizer = torch.optim.AdamW(predictor.parameters(), lr=1e-2, weight_decay=0.0)
         state = {"t": 0, "anchor": start}
         for _ in range(5):
             loss = sum((p - 1).pow(2).sum() for p in predictor.parameters())
-            trainer._update(predictor, optimizer, state, loss, 1, 1e-2, 5)
+            trainer.phases().update(predictor, optimizer, state, loss, 1, 1e-2, 5)
         return sum(float((p.detach() - s).abs().sum()) for p, s in zip(predictor.parameters(), start, strict=True))
 
     free, held, kept = moved(0.0), moved(20.0), moved(1e6)
@@ -548,19 +558,19 @@ def filter_gradient(pipe, recording, out, check: bool = False, **settings) -> tu
     the calibrated settings plus `settings`; `check`: assert it against a central difference along itself."""
     config = TrainConfig(**QUICK_CALIBRATED, step_filters=True, epochs_clar=1, **settings)
     trainer = Trainer(recording, pipe, out, config, **QUIET)
-    predictor = trainer.new_predictor(0)
+    predictor = trainer.phases().new_predictor(0)
     (table,) = predictor.step_filters.values()
     batch = trainer.train_idx[:2]
     data = [recording.load(i) for i in batch]
     lesa.enable(pipe, lesa.LESAConfig(predictor=predictor, differentiable=True, history_grad=config.history_grad))
     try:
-        (grad,) = torch.autograd.grad(trainer.final_loss(batch, data), [table])
+        (grad,) = torch.autograd.grad(trainer.phases().final_loss(batch, data), [table])
         if check:
             norm, h, values = float(grad.norm()), 1e-3, []
             with torch.no_grad():
                 for t in (h, -h):
                     table.add_(t * grad / norm)
-                    values.append(float(trainer.final_loss(batch, data)))
+                    values.append(float(trainer.phases().final_loss(batch, data)))
                     table.sub_(t * grad / norm)
             assert (values[0] - values[1]) / (2 * h) == pytest.approx(norm, rel=0.02)
     finally:
@@ -575,7 +585,7 @@ def test_history_grad_makes_the_whole_gradient_exact(pipe, recording, tmp_path):
 
     exact, trainer = filter_gradient(pipe, recording, tmp_path / "exact", check=True, history_grad=True)
     detached, _ = filter_gradient(pipe, recording, tmp_path / "detached", history_grad=False)
-    first = trainer.cached_steps[0]
+    first = trainer.phases().cached_steps[0]
     assert not torch.allclose(exact[first], detached[first])
 
 
@@ -586,8 +596,8 @@ def test_loss_cycles_adds_the_early_latents_to_the_final_loss(pipe, recording, t
 
     final_only, trainer = filter_gradient(pipe, recording, tmp_path / "c0", loss_cycles=0)
     extra = filter_gradient(pipe, recording, tmp_path / "c1", loss_cycles=1)[0] - final_only
-    first_full = trainer.schedule.full_steps(trainer.num_steps)[trainer.cfg.warmup + 1]  # closes the first cycle
-    assert extra[trainer.cached_steps[0]].abs().sum() > 0
+    first_full = trainer.variant().full_steps[trainer.config.warmup + 1]  # closes the first cycle
+    assert extra[trainer.phases().cached_steps[0]].abs().sum() > 0
     assert extra[first_full:].abs().max() == 0
 
     with pytest.raises(ValueError, match="needs loss 'final'"):

@@ -14,8 +14,8 @@ import pytest
 from conftest import PROMPTS, SIZE, STEPS
 
 from lesa.cli import main
-from lesa.record import Recording
-from lesa.train import TrainConfig, Trainer, check_validation_recording
+from lesa.recording import Recording
+from lesa.training import TrainConfig, Trainer, check_validation_recording
 from lesa.trajectories import recorded_key, trajectory_key
 
 QUIET = dict(progress=False, log=lambda *_: None)
@@ -101,9 +101,9 @@ def test_a_corrupt_shard_propagates_out_of_the_damping_fit(pipe, recording, tmp_
     shard = copy / rec.entries[trainer.train_idx[1]]["file"]
     shard.write_bytes(shard.read_bytes()[:-100])
     with pytest.raises(ValueError, match=r"\.safetensors is corrupted"):
-        _ = trainer.damping
+        _ = trainer.fits.damping(trainer.phases().schedule)
     few_step = Trainer(rec, pipe, tmp_path / "q", TrainConfig(interval=STEPS, warmup=0, val_fraction=0.25), **QUIET)
-    assert few_step.damping == 1.0  # no shard read
+    assert few_step.fits.damping(few_step.phases().schedule) == 1.0  # no shard read
 
 
 def test_prompt_following_skip_names_the_prompts_it_cannot_check():

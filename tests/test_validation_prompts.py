@@ -4,7 +4,7 @@ import importlib.util
 from pathlib import Path
 
 from lesa.embedded import scenes
-from lesa.train import split_indices
+from lesa.training import split_indices
 
 spec = importlib.util.spec_from_file_location(
     "validation_prompts", Path(__file__).parents[1] / "benchmarks" / "validation_prompts.py"

@@ -1,13 +1,18 @@
-"""Per-model knowledge, and nothing else: where the trunk is and which tensor is tapped.
+"""Per-model knowledge, and nothing else: where the trunk is and which tensor is tapped, the transformer's class
+name (through a torch.compile wrapper), and the sigma schedule a pipeline will use (computed ahead of its call).
 
-Adding a model is one `ModelAdapter(...)` entry in `ADAPTERS`.
+Adding a model is one `ModelAdapter(...)` entry in `ADAPTERS`. Torch and diffusers are imported where used: `import
+lesa` stays light.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
-from torch import nn
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 
 @dataclass(frozen=True)
@@ -23,7 +28,7 @@ class ModelAdapter:
         block's `hidden_states` and `modulation_argument` inputs, first returned tensor (TeaCache's cheap probe);
         None where TeaCache is not supported.
     stage_thresholds: the model's default sigma thresholds between the predictor's noise stages (a trained predictor
-        stores its own; `lesa train --thresholds` overrides this default).
+        stores its own; `lesa train --set thresholds=...` overrides this default).
     residual_stream: the tapped feature is the trunk's residual stream itself (the first trunk block's
         `hidden_states` input plus what the blocks add), so a policy may forecast only what the blocks add
         (`CacheConfig.residual`).
@@ -125,9 +130,85 @@ SD3 = ModelAdapter(
 ADAPTERS: dict[str, ModelAdapter] = {a.model_class: a for a in (FLUX, QWEN_IMAGE, HUNYUAN_VIDEO, WAN, SD3)}
 
 
+def model_class_name(transformer: nn.Module) -> str:
+    """The transformer's class name, through a `torch.compile` wrapper (`OptimizedModule`): the name of the module it
+    compiles, as the adapters, predictors and recordings know it."""
+    from diffusers.utils.torch_utils import unwrap_module  # the runtime's unwrapping, imported on use
+
+    return type(unwrap_module(transformer)).__name__
+
+
 def get_adapter(model: nn.Module | str) -> ModelAdapter:
-    """The adapter for a transformer (or its class name); a clear error lists the supported classes."""
-    name = model if isinstance(model, str) else type(model).__name__
+    """The adapter for a transformer (compiled or not) or its class name; a clear error lists the supported
+    classes."""
+    name = model if isinstance(model, str) else model_class_name(model)
     if name not in ADAPTERS:
         raise ValueError(f"model class {name!r} is not supported by lesa; supported: {', '.join(sorted(ADAPTERS))}")
     return ADAPTERS[name]
+
+
+# -- the sigma schedule, ahead of the pipeline call --------------------------------------------------------------------
+# diffusers' FluxPipeline and QwenImagePipeline: 2x2 latent patches packed per token, sigmas linspace(1, 1/N, N) and,
+# with `use_dynamic_shifting`, mu from the image's token count; StableDiffusion3Pipeline: mu from the latent patches
+# (no sigmas passed); HunyuanVideoPipeline: sigmas linspace(1, 0, N + 1)[:-1]; any other: `set_timesteps(N)`
+_MAX_SHIFT = {"StableDiffusion3Pipeline": 1.16}  # the default max_shift a pipeline passes when its config has none
+
+
+def _image_size(pipe: Any, height: int | None, width: int | None) -> tuple[int, int]:
+    default = getattr(pipe, "default_sample_size", None)
+    if (height is None or width is None) and default is None:
+        raise ValueError(f"{type(pipe).__name__}: pass height and width to compute its sigma schedule")
+    size = None if default is None else default * pipe.vae_scale_factor
+    return height or size, width or size
+
+
+def image_seq_len(pipe: Any, height: int | None = None, width: int | None = None) -> int:
+    """The image token count that diffusers' FLUX-style pipelines shift the schedule by (`use_dynamic_shifting`):
+    the packed latents' sequence length at height x width pixels (the pipeline's default size when None)."""
+    height, width = _image_size(pipe, height, width)
+    if type(pipe).__name__ == "StableDiffusion3Pipeline":
+        patch = pipe.transformer.config.patch_size
+        return (height // pipe.vae_scale_factor // patch) * (width // pipe.vae_scale_factor // patch)
+    # prepare_latents: latent height and width rounded down to even, then packed in 2x2 patches
+    return (int(height) // (pipe.vae_scale_factor * 2)) * (int(width) // (pipe.vae_scale_factor * 2))
+
+
+def set_timesteps_kwargs(pipe: Any, num_steps: int, height: int | None = None, width: int | None = None) -> dict:
+    """What `pipe` passes to `pipe.scheduler.set_timesteps` for `num_steps` steps at height x width, computed as
+    diffusers' pipelines do it: with `use_dynamic_shifting`, `mu = calculate_shift(image_seq_len, base_image_seq_len,
+    max_image_seq_len, base_shift, max_shift)` from the scheduler's config (FluxPipeline's rule). Refused for a
+    dynamic-shifting pipeline whose rule is not known here."""
+    import numpy as np
+
+    config = pipe.scheduler.config
+    name = type(pipe).__name__
+    packed = hasattr(pipe, "_pack_latents") and hasattr(pipe, "vae_scale_factor")  # FLUX, Qwen-Image and kin
+    kwargs: dict[str, Any] = {"num_inference_steps": num_steps}
+    if packed and not config.get("use_flow_sigmas", False):
+        kwargs = {"sigmas": np.linspace(1.0, 1 / num_steps, num_steps)}
+    elif name == "HunyuanVideoPipeline":
+        kwargs = {"sigmas": np.linspace(1.0, 0.0, num_steps + 1)[:-1]}
+    if config.get("use_dynamic_shifting", False):
+        if not (packed or name == "StableDiffusion3Pipeline"):
+            raise ValueError(
+                f"{name}'s scheduler uses dynamic shifting, and how this pipeline computes mu is not known to lesa: "
+                "read the schedule from the scheduler after a pipeline call instead"
+            )
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+        kwargs["mu"] = calculate_shift(
+            image_seq_len(pipe, height, width),
+            config.get("base_image_seq_len", 256),
+            config.get("max_image_seq_len", 4096),
+            config.get("base_shift", 0.5),
+            config.get("max_shift", _MAX_SHIFT.get(name, 1.15)),
+        )
+    return kwargs
+
+
+def pipeline_sigmas(pipe: Any, num_steps: int, height: int | None = None, width: int | None = None) -> torch.Tensor:
+    """The sigma schedule (`num_steps` + 1 values, the terminal one included) `pipe` will use for a `num_steps`-step
+    generation at height x width, computed ahead of the call: sets `pipe.scheduler`'s timesteps as the pipeline does
+    (`set_timesteps_kwargs`; the pipeline sets them again at its call) and returns a copy of its sigmas."""
+    pipe.scheduler.set_timesteps(**set_timesteps_kwargs(pipe, num_steps, height, width))
+    return pipe.scheduler.sigmas.detach().float().cpu().clone()

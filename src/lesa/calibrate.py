@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable, Sequence
 import numpy as np
 import torch
 
-from .record import Recording
+from .recording import Recording
 from .schedule import StepSchedule
 
 # What the fits read: a recording (its feature trajectories, optionally some of them) or trajectories already in
@@ -62,7 +62,16 @@ def damping_cycles(schedule: StepSchedule, num_steps: int) -> list[tuple[int, li
 
 def fit_damping(data: FitData, schedule: StepSchedule, indices: Iterable[int] | None = None) -> float:
     """The g minimising sum ||F(f) + g * k * dF - F(s)||^2 over cached steps s (f the last full step, k = s - f,
-    dF the first difference of the last two full steps): TaylorSeer O1 with a fitted step."""
+    dF the first difference of the last two full steps): TaylorSeer O1 with a fitted step.
+
+    Example (a feature moving at a constant rate needs no damping; one slowing down needs some):
+        >>> import torch
+        >>> from lesa.schedule import StepSchedule
+        >>> line = torch.stack([torch.ones(6) + step * torch.arange(6.0) for step in range(20)])  # constant rate
+        >>> schedule = StepSchedule(interval=5, warmup=2)
+        >>> round(fit_damping([line], schedule), 6), fit_damping([line.sqrt()], schedule) < 1  # sqrt: slowing down
+        (1.0, True)
+    """
     pairs = damping_cycles(schedule, _num_steps(data))
     if not pairs:
         raise ValueError(f"{_where(data)}: no cached step has two full steps before it; cannot fit a damping")
@@ -83,7 +92,16 @@ def fit_damping(data: FitData, schedule: StepSchedule, indices: Iterable[int] | 
 def fit_linear(
     data: FitData, schedule: StepSchedule, history: int = 3, indices: Iterable[int] | None = None
 ) -> dict[int, list[float]]:
-    """Per cached step, least-squares weights over the last `history` full-step features (newest first)."""
+    """Per cached step, least-squares weights over the last `history` full-step features (newest first).
+
+    Example (a feature moving at a constant rate: step 3 = 2 * step 2 - step 1):
+        >>> import torch
+        >>> from lesa.schedule import StepSchedule
+        >>> line = torch.stack([torch.ones(6) + step * torch.arange(6.0) for step in range(20)])  # constant rate
+        >>> weights = fit_linear([line], StepSchedule(interval=5, warmup=2), history=2)
+        >>> sorted(weights), [round(w, 3) for w in weights[3]]
+        ([3, 4, 5, 6, 8, 9, 10, 11, 13, 14, 15, 16, 18, 19], [2.0, -1.0])
+    """
     used = [(s, fulls[:history]) for s, fulls in cycles(schedule, _num_steps(data))]
     gram = {s: np.zeros((len(f), len(f))) for s, f in used}
     rhs = {s: np.zeros(len(f)) for s, f in used}

@@ -15,7 +15,7 @@ import torch
 
 from .checks import MissingDependency, check_numbers
 from .evaluate.methods import FAMILIES
-from .train import CHOICES, DEFAULT_RECIPE, RECIPES
+from .training import DEFAULT_RECIPE, RECIPES
 
 
 class _Parser(argparse.ArgumentParser):
@@ -78,136 +78,47 @@ def _parser() -> argparse.ArgumentParser:
     rec.add_argument("--num-frames", type=int, default=None, help="frames of a video pipeline")
     rec.add_argument("--record-dtype", default="bfloat16", help="dtype of the stored features (default bfloat16)")
 
-    tr = sub.add_parser("train", help="train a LESA predictor (phase gt, then phase clar)")
-    _pipeline_args(tr, "pipeline for the closed-loop phase and validation (default: the recorded one)", offload=False)
+    tr = sub.add_parser(
+        "train",
+        help="train a LESA predictor (closed loop through the sampler; the paper recipe: phase gt, then clar)",
+        description="Train a predictor from a recording. The recipe sets every training setting; --config FILE "
+        "and --set KEY=VALUE change any of them (the settings and their defaults: --print-config, "
+        "docs/train-settings.md); the options below are the ones most runs change.",
+    )
+    _pipeline_args(tr, "pipeline for the closed loop and validation (default: the recorded one)", offload=False)
     tr.add_argument("--data", required=True, help="a `lesa record` output directory")
     tr.add_argument("--out", required=True, help="predictor directory to write (resumed from its checkpoints)")
-    tr.add_argument("--interval", type=int, default=7, help="N: a full step every N steps")
-    tr.add_argument("--warmup", type=int, default=3, help="E: steps 0..E are full")
+    tr.add_argument(
+        "--val-data",
+        default=None,
+        help="a recording of other prompts (same settings) to validate on instead of a split of --data: checkpoints, "
+        "start, placement and correction are chosen on it (a few hundred trajectories give a reliable choice)",
+    )
     tr.add_argument(
         "--recipe",
         choices=tuple(RECIPES),
         default=DEFAULT_RECIPE,
-        help="named training settings; the options below override them (paper: the faithful reproduction)",
+        help=f"named settings (default {DEFAULT_RECIPE}; paper: the faithful reproduction)",
     )
-    tr.add_argument("--phases", default=None, help="comma-separated: gt, clar")
-    tr.add_argument("--epochs", type=int, default=None, help="epochs of phase gt")
-    tr.add_argument("--epochs-clar", type=int, default=None, help="epochs of phase clar")
-    tr.add_argument("--lr-gt", type=_finite, default=1e-3)
-    tr.add_argument("--lr-clar", type=_finite, default=None)
-    tr.add_argument(
-        "--history-grad",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="closed loop: back-propagate through the features in the predictor's history too (exact gradient; "
-        "default: the recipe's, on in calibrated, off in paper)",
-    )
-    tr.add_argument(
-        "--anchor",
-        type=_finite,
-        default=0.0,
-        help="decay toward the predictor's start instead of toward zero: after each update every weight moves "
-        "lr * ANCHOR of the way back to its start (a trust region around a calibrated start; default 0: off)",
-    )
-    tr.add_argument(
-        "--lr-min", type=_finite, default=1e-4, help="floor of every cosine schedule (>= 0; 0 decays to zero)"
-    )
-    tr.add_argument("--batch-size", type=int, default=8, help="trajectories per minibatch")
+    tr.add_argument("--interval", type=int, default=None, help="N: a full step every N steps (default 7)")
+    tr.add_argument("--warmup", type=int, default=None, help="E: steps 0..E are full (default 3)")
+    tr.add_argument("--batch-size", type=int, default=None, help="trajectories per minibatch (default 8)")
     tr.add_argument(
         "--micro-batch",
         type=int,
         default=None,
-        help="loss final: roll out this many trajectories of a minibatch at once (per process), the gradients "
-        "accumulated into its one update (the same update up to float summation order; default: the whole minibatch)",
+        help="roll out this many trajectories at a time, gradients accumulated (less memory, same update)",
     )
+    tr.add_argument("--seeds", type=int, default=None, help="train K seeds, keep the best on validation (default 1)")
+    tr.add_argument("--config", default=None, help="a JSON or TOML file of settings (e.g. from --print-config)")
     tr.add_argument(
-        "--checkpoint-trunk",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="loss final: gradient checkpointing of the trunk blocks the loss back-propagates through (each keeps its "
-        "inputs, not its activations, for one more forward of the full steps; the same gradients; default: on)",
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="one setting, e.g. --set epochs_clar=4 --set windows=3,3,3 (repeatable; wins over --config)",
     )
-    tr.add_argument(
-        "--val-fraction",
-        type=_finite,
-        default=None,
-        help="share of the recorded prompts held out of training (default 0.2; with --val-data 0, and that split is "
-        "then left out of training without being scored)",
-    )
-    tr.add_argument(
-        "--val-data",
-        default=None,
-        help="a recording of other prompts (same settings) to validate on instead of a split of --data: "
-        "checkpoints, start, placement and correction are chosen on its trajectories (a few hundred give a "
-        "reliable choice; a few dozen did not, BENCHMARKS.md)",
-    )
-    tr.add_argument("--seeds", type=int, default=1, help="train K seeds, keep the best on validation")
-    tr.add_argument("--seed", type=int, default=0)
-    _choice(tr, "target", "closed-loop loss on the tapped feature (paper) or on the transformer output")
-    tr.add_argument(
-        "--thresholds",
-        default=None,
-        help="stage thresholds on sigma (default: the model's, 0.9,0.5; Qwen-Image 0.9,0.4)",
-    )
-    tr.add_argument("--windows", default=None, help="history window K per stage (paper: 4,8,8)")
-    tr.add_argument("--kan-hidden", default="256,256", help="hidden widths of the gain KAN")
-    tr.add_argument("--gain", choices=("kan", "mlp"), default="kan", help="temporal gain network (mlp: ablation)")
-    _choice(
-        tr, "memory", "history of the last K features, forecasts included (paper), or of the last K full-step features"
-    )
-    _choice(
-        tr,
-        "gain_init",
-        "start near reuse (zero: paper), exactly at reuse, at TaylorSeer O1 with the damping fitted on the recording "
-        "or at the least-squares linear forecaster fitted there (needs --step-filters), or at the best of those on "
-        "the held-out split (best); all but zero need memory full",
-    )
-    tr.add_argument(
-        "--step-filters",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="a learned filter per step on top of the stage experts' (memory full)",
-    )
-    _choice(
-        tr,
-        "loss",
-        "closed-loop loss per cached step (paper), integrated over each cache cycle, or on the final latent "
-        "(back-propagated through the whole sampler)",
-    )
-    tr.add_argument(
-        "--loss-cycles",
-        type=int,
-        help="loss final: also score the latent at the end of each of the first K cache cycles against the recorded "
-        "one (needs a recording with per-step latents; default: the recipe's, 2 in calibrated, 0 in paper; 0: the "
-        "final latent only)",
-    )
-    tr.add_argument(
-        "--correction",
-        nargs="?",
-        const="on",
-        choices=("on", "off", "auto"),
-        default=None,
-        help="loss final: learn a full-step correction with the forecasts (feeds each cache cycle's measured "
-        "forecast error back into the latent at the full step closing it); auto: train with and without it and "
-        "keep the better on validation (default: the recipe's, auto in calibrated, off in paper)",
-    )
-    tr.add_argument("--no-correction", dest="correction", action="store_const", const="off", help="--correction off")
-    tr.add_argument(
-        "--correction-start",
-        type=_finite,
-        default=None,
-        help="strength the correction starts from on the first --correction-cycles cycles (default 1/3)",
-    )
-    tr.add_argument("--correction-cycles", type=int, default=None, help="cycles started corrected (default 2)")
-    tr.add_argument("--lr-correction", type=_finite, default=None, help="peak learning rate of the correction (1e-2)")
-    _choice(tr, "select", "held-out score that picks the kept checkpoint")
-    _choice(
-        tr,
-        "schedule",
-        "where the full steps go: every N steps (uniform); the same number placed by dynamic programming on "
-        "recorded errors (plan); plan plus a closed-loop search (search, slow). plan/search train a predictor on "
-        "each placement, uniform included, and keep the one better on the held-out split",
-    )
+    tr.add_argument("--print-config", action="store_true", help="print the effective settings as JSON and exit")
     tr.add_argument("--restart", action="store_true", help="ignore existing checkpoints in --out")
 
     gen = sub.add_parser("generate", help="generate an image or a video, accelerated")
@@ -270,15 +181,16 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--lpips-weights", nargs="+", default=[], help="AlexNet + LPIPS weight files (local)")
     b.add_argument("--clip", default=None, help="local CLIP model directory for the CLIP score")
     b.add_argument("--image-reward", default=None, help="local ImageReward checkpoint (needs the ImageReward package)")
+    est = sub.add_parser(
+        "estimate", help="peak memory, FLOPs, time and disk of record / train / generate, from config files only"
+    )
+    from .estimate import add_arguments as estimate_arguments
+
+    estimate_arguments(est)
     ens = sub.add_parser("ensemble", help="average predictors of one schedule (seeds) into one, at one's cost")
     ens.add_argument("predictors", nargs="+", help="predictor directories trained for the same schedule and config")
     ens.add_argument("--out", required=True, help="predictor directory to write")
     return parser
-
-
-def _choice(parser: argparse.ArgumentParser, name: str, help: str) -> None:
-    """A `lesa train` option taking one of TrainConfig's allowed values (`train.CHOICES`); unset, the recipe's."""
-    parser.add_argument(f"--{name.replace('_', '-')}", choices=CHOICES[name], default=None, help=help)
 
 
 def _ints(text: str, name: str) -> tuple[int, ...]:
@@ -297,7 +209,7 @@ def _floats(text: str, name: str) -> tuple[float, ...]:
 
 def _record(args) -> int:
     from .distributed import init_distributed
-    from .models import load_pipeline, model_label
+    from .pipelines import load_pipeline, model_label
     from .record import check_record_arguments, read_prompts, record
 
     # record() checks these too; here they are refused before the pipeline loads
@@ -334,59 +246,36 @@ def _record(args) -> int:
 
 
 def _train_config(args):
-    """The TrainConfig of `lesa train`'s arguments: the recipe's settings, then every option given explicitly."""
-    from .train import TrainConfig
+    """The TrainConfig of `lesa train`'s arguments: the recipe's settings, then those of --config, then every option
+    and --set given (a setting nobody gave keeps the recipe's value)."""
+    from .settings import load_settings, parse_setting
+    from .training import TrainConfig
 
-    explicit = dict(
-        phases=None if args.phases is None else tuple(p.strip() for p in args.phases.split(",")),
-        epochs_gt=args.epochs,
-        epochs_clar=args.epochs_clar,
-        lr_clar=args.lr_clar,
-        target=args.target,
-        windows=None if args.windows is None else _ints(args.windows, "windows"),
-        memory=args.memory,
-        gain_init=args.gain_init,
-        step_filters=args.step_filters,
-        loss=args.loss,
-        select=args.select,
-        schedule=args.schedule,
-        history_grad=args.history_grad,
-        loss_cycles=args.loss_cycles,
-        correction={"on": True, "off": False, None: None}.get(args.correction, args.correction),
-        correction_start=args.correction_start,
-        correction_cycles=args.correction_cycles,
-        lr_correction=args.lr_correction,
-        micro_batch=args.micro_batch,
-        checkpoint_trunk=args.checkpoint_trunk,
-    )
-    return TrainConfig.from_recipe(
-        args.recipe,
-        interval=args.interval,
-        warmup=args.warmup,
-        lr_gt=args.lr_gt,
-        lr_min=args.lr_min,
-        batch_size=args.batch_size,
-        val_fraction=args.val_fraction if args.val_fraction is not None else 0.0 if args.val_data else 0.2,
-        seeds=args.seeds,
-        seed=args.seed,
-        thresholds=None if args.thresholds is None else _floats(args.thresholds, "thresholds"),
-        kan_hidden=_ints(args.kan_hidden, "kan-hidden"),
-        gain=args.gain,
-        anchor=args.anchor,
-        **{k: v for k, v in explicit.items() if v is not None},
-    )
+    given = load_settings(TrainConfig, args.config) if args.config else {}
+    options = ("interval", "warmup", "batch_size", "micro_batch", "seeds")
+    given.update({k: getattr(args, k) for k in options if getattr(args, k) is not None})
+    given.update(parse_setting(TrainConfig, item) for item in args.set)
+    if args.val_data and "val_fraction" not in given:  # with a validation recording, train on every trajectory
+        given["val_fraction"] = 0.0
+    return TrainConfig.from_recipe(args.recipe, **given)
 
 
 def _train(args) -> int:
     import shutil
 
     from .distributed import init_distributed
-    from .models import load_pipeline
+    from .estimate import check_train
+    from .pipelines import load_pipeline
     from .predictor import check_predictor_dir
-    from .record import Recording
-    from .train import Trainer, check_validation_recording
+    from .recording import Recording
+    from .training import Trainer, check_validation_recording
 
     config = _train_config(args)  # bad options are refused before any data is read
+    if args.print_config:
+        from .settings import settings_json
+
+        print(settings_json(config), end="")
+        return 0
     check_predictor_dir(args.out)  # the predictor is saved there at the end: refused now, not hours later
     rec = Recording(args.data)
     validation = None if args.val_data is None else Recording(args.val_data)
@@ -395,12 +284,20 @@ def _train(args) -> int:
         check_validation_recording(rec, validation, notice=lambda _: None)
     model = args.model or rec.settings["model"]
     dist = init_distributed(args.device)  # under torchrun: join the group; alone: nothing happens
+    # on an accelerator, a configuration whose estimated peak exceeds its memory is refused now, with settings that fit
+    check_train(model, rec, config, dist.device, dtype=args.dtype or "bfloat16", validation=validation)
     pipe = load_pipeline(model, dist.device, args.dtype)
     if args.restart and dist.is_main:  # only rank 0 reads checkpoints
         shutil.rmtree(Path(args.out) / "checkpoints", ignore_errors=True)
         (Path(args.out) / "schedule.json").unlink(missing_ok=True)
     Trainer(rec, pipe, args.out, config, validation=validation).run()
     return 0
+
+
+def _estimate(args) -> int:
+    from .estimate import run
+
+    return run(args)
 
 
 def _ensemble(args) -> int:
@@ -426,8 +323,8 @@ def _ensemble(args) -> int:
 def _generate(args) -> int:
     from . import FORAConfig, LESAConfig, NoCacheConfig, TaylorSeerConfig, enable, summary
     from .media import check_output_path, save_video
-    from .models import EMBEDDED_MODEL, TINY_MODELS, load_pipeline, model_label, shipped_predictor
-    from .record import pipeline_output
+    from .pipelines import EMBEDDED_MODEL, load_pipeline, model_label, pipeline_output, shipped_predictor
+    from .testing import TINY_MODELS
 
     sizes = [("--height", args.height), ("--width", args.width), ("--num-frames", args.num_frames)]
     check_numbers([("--steps", args.steps), ("--fps", args.fps), ("--interval", args.interval), *sizes], 1)
@@ -439,7 +336,7 @@ def _generate(args) -> int:
             if model_label(args.model) != EMBEDDED_MODEL:
                 raise ValueError("--cache lesa needs --predictor DIR (predictors ship only for the embedded model)")
             predictor = shipped_predictor(args.interval or 7)
-        config = LESAConfig(predictor=predictor, **schedule)
+        config = LESAConfig(predictor=predictor, **schedule).resolve()  # a bad predictor is refused before loading
     elif args.cache == "fora":
         config = FORAConfig(**schedule)
     elif args.cache == "taylorseer":
@@ -544,7 +441,7 @@ def _bench(args) -> int:
 
 
 # config fields whose option is not named after them
-_FIELD_OPTIONS = {"epochs_gt": "epochs", "dtype": "record_dtype"}
+_FIELD_OPTIONS = {"dtype": "record_dtype"}
 
 
 def _in_option_terms(parser: argparse.ArgumentParser, command: str, message: str) -> str:
@@ -557,13 +454,24 @@ def _in_option_terms(parser: argparse.ArgumentParser, command: str, message: str
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
     options = {a.dest: a.option_strings[0] for a in sub._actions if a.option_strings}
     option = options.get(_FIELD_OPTIONS.get(field, field))
+    if option is None and command == "train":  # a setting without an option of its own
+        from .training import TrainConfig
+
+        option = f"--set {field}" if field in TrainConfig.__dataclass_fields__ else None
     return f"{option} must be {rest}" if option else message
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    handlers = {"record": _record, "train": _train, "generate": _generate, "bench": _bench, "ensemble": _ensemble}
+    handlers = {
+        "record": _record,
+        "train": _train,
+        "generate": _generate,
+        "bench": _bench,
+        "ensemble": _ensemble,
+        "estimate": _estimate,
+    }
     try:
         return handlers[args.command](args)
     except (ValueError, FileNotFoundError, OSError, RuntimeError, MissingDependency) as e:

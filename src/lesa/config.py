@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .correction import FullStepCorrector
@@ -15,7 +15,15 @@ from .schedule import StepSchedule
 
 @dataclass
 class CacheConfig:
-    """No caching: every step runs the trunk (the hook still counts calls and FLOPs)."""
+    """No caching: every step runs the trunk (the hook still counts calls and FLOPs). The base of every method's
+    config: its schedule fields (interval, warm-up, forced and explicitly placed full steps) make the one schedule
+    type, `StepSchedule`, that the runtime runs (`schedule()`).
+
+    Example:
+        >>> import lesa
+        >>> lesa.FORAConfig(interval=5, warmup=2).schedule().full_steps(20)
+        [0, 1, 2, 7, 12, 17]
+    """
 
     interval: int = 1
     warmup: int = 3
@@ -34,6 +42,11 @@ class CacheConfig:
 
     def schedule(self) -> StepSchedule:
         return StepSchedule(self.interval, self.warmup, tuple(self.forced_full_steps), tuple(self.explicit_full_steps))
+
+    def resolve(self) -> CacheConfig:
+        """The configuration `enable` runs: what its fields name loaded (a predictor) and the defaults that follow
+        from it filled in. Configs are inert: constructing one reads nothing."""
+        return self
 
     def make_policy(self, context: str) -> Policy:
         return Policy()
@@ -56,7 +69,18 @@ NoCacheConfig = CacheConfig
 
 @dataclass
 class FORAConfig(CacheConfig):
-    """FORA: a cached step reuses the last computed tapped feature."""
+    """FORA: a cached step reuses the last computed tapped feature.
+
+    Example:
+        >>> import lesa
+        >>> from lesa.testing import tiny_flux_pipeline
+        >>> pipe = tiny_flux_pipeline()
+        >>> _ = lesa.enable(pipe, lesa.FORAConfig(interval=5, warmup=2))
+        >>> _ = pipe("a red circle", num_inference_steps=20, height=16, width=16, output_type="latent")
+        >>> lesa.summary(pipe)["full_steps"], lesa.summary(pipe)["trunk_executions"]
+        (6, 6.0)
+        >>> lesa.disable(pipe)
+    """
 
     interval: int = 7
     name = "fora"
@@ -72,7 +96,13 @@ class TaylorSeerConfig(CacheConfig):
     The warm-up counts differently from diffusers': `warmup=3` keeps steps 0-3 full (steps 0..warmup, as every lesa
     schedule), `TaylorSeerCacheConfig(disable_cache_before_step=3)` keeps 0-2 (steps below it), then computes step 4
     and every `cache_interval`-th step after it (`evaluate.methods.diffusers_taylorseer_rhythm` matches the two by
-    full-step count)."""
+    full-step count).
+
+    Example:
+        >>> import lesa
+        >>> lesa.TaylorSeerConfig(interval=7, order=1, damping=0.8).schedule().full_steps(50)
+        [0, 1, 2, 3, 10, 17, 24, 31, 38, 45]
+    """
 
     interval: int = 7
     order: int = 1
@@ -86,7 +116,14 @@ class TaylorSeerConfig(CacheConfig):
 @dataclass
 class LinearForecastConfig(CacheConfig):
     """Per-step least-squares linear forecaster over the last full-step features (fit with `calibrate.fit_linear`).
-    `weights` maps each cached step to its weights, newest full-step feature first."""
+    `weights` maps each cached step to its weights, newest full-step feature first.
+
+    Example:
+        >>> from lesa.config import LinearForecastConfig
+        >>> config = LinearForecastConfig(interval=7, weights={4: [1.5, -0.5]})  # 1.5 f(3) - 0.5 f(2) at step 4
+        >>> config.make_policy("cond").name
+        'linear'
+    """
 
     interval: int = 7
     weights: dict[int, list[float]] = field(default_factory=dict)
@@ -102,6 +139,11 @@ class TeaCacheConfig(CacheConfig):
 
     `coefficients` default to the published FLUX.1 polynomial; for any other model fit them on its own trajectories
     (`calibrate.fit_teacache`). The first and last steps are always full; `interval`/`warmup` are unused.
+
+    Example:
+        >>> from lesa.config import TeaCacheConfig
+        >>> TeaCacheConfig(threshold=0.4).adaptive  # the policy decides at the first trunk block
+        True
     """
 
     threshold: float = 0.6
@@ -119,7 +161,19 @@ class LESAConfig(CacheConfig):
     """LESA with a trained predictor: an instance, or what `LESAPredictor.from_pretrained` loads (a directory, or a
     Hugging Face Hub repo id such as "user/lesa-flux-n7"; for a revision or token, pass
     `LESAPredictor.from_pretrained(repo_id, revision=..., token=...)` instead). The schedule (interval, warmup and a
-    searched schedule's full steps) defaults to the predictor's."""
+    searched schedule's full steps) defaults to the predictor's. Inert: the predictor is loaded by `enable` (or
+    `resolve()`), not when the config is made.
+
+    Example (the predictor shipped for the embedded model at 10 of 50 steps):
+        >>> import lesa
+        >>> from lesa.pipelines import shipped_predictor
+        >>> config = lesa.LESAConfig(predictor=shipped_predictor(7))
+        >>> config.interval is None  # nothing read yet
+        True
+        >>> resolved = config.resolve()
+        >>> resolved.interval, len(resolved.schedule().full_steps(50))
+        (7, 10)
+    """
 
     predictor: LESAPredictor | str | Path | None = None
     interval: int | None = None
@@ -144,23 +198,34 @@ class LESAConfig(CacheConfig):
                 "LESAConfig: a predictor forecasts what it was trained on, the tapped feature; residual=True is for "
                 "the fixed forecasters (FORA, TaylorSeer, linear)"
             )
-        if not isinstance(self.predictor, LESAPredictor):  # a directory or a Hub repo id
-            self.predictor = LESAPredictor.from_pretrained(self.predictor)
-        pc = self.predictor.config
-        if self.interval is None:
-            self.interval = pc.interval
-        if self.warmup is None:
-            self.warmup = pc.warmup
-        if not self.forced_full_steps:
-            self.forced_full_steps = tuple(pc.forced_full_steps)
-        if not self.explicit_full_steps and (self.interval, self.warmup) == (pc.interval, pc.warmup):
-            self.explicit_full_steps = tuple(pc.explicit_full_steps)
-        if (self.interval, self.warmup) != (pc.interval, pc.warmup):
+
+    def resolve(self) -> LESAConfig:
+        """The predictor loaded (a directory or a Hub repo id) and the schedule defaulted to the predictor's (a
+        searched schedule's full steps too); a warning when the given interval / warm-up differ from its own."""
+        predictor = self.predictor
+        if not isinstance(predictor, LESAPredictor):
+            predictor = LESAPredictor.from_pretrained(predictor)
+        pc = predictor.config
+        interval = pc.interval if self.interval is None else self.interval
+        warmup = pc.warmup if self.warmup is None else self.warmup
+        forced = self.forced_full_steps or tuple(pc.forced_full_steps)
+        explicit = self.explicit_full_steps
+        if not explicit and (interval, warmup) == (pc.interval, pc.warmup):
+            explicit = tuple(pc.explicit_full_steps)
+        if (interval, warmup) != (pc.interval, pc.warmup):
             warnings.warn(
                 f"predictor trained for interval {pc.interval}, warmup {pc.warmup}; running with interval "
-                f"{self.interval}, warmup {self.warmup}",
-                stacklevel=2,
+                f"{interval}, warmup {warmup}",
+                stacklevel=3,
             )
+        return replace(
+            self,
+            predictor=predictor,
+            interval=interval,
+            warmup=warmup,
+            forced_full_steps=tuple(forced),
+            explicit_full_steps=tuple(explicit),
+        )
 
     def make_policy(self, context: str) -> Policy:
         return LESAPolicy(

@@ -21,9 +21,9 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-# The calibrated form (BENCHMARKS.md, "The full-step correction"): a third of the first-order estimate on the first two
-# cache cycles after the warm-up, none later; what a learned correction starts from, and the fixed forecasters'
-# corrected rows in `lesa bench`.
+# The calibrated form (docs/history/2026-12-benchmarks-notebook.md, "The full-step correction"): a third of the
+# first-order estimate on the first two cache cycles after the warm-up, none later; what a learned correction starts
+# from, and the fixed forecasters' corrected rows in `lesa bench`.
 DEFAULT_STRENGTH = 1 / 3
 DEFAULT_CYCLES = 2
 
@@ -47,7 +47,13 @@ def reach(sigmas: Sequence[float] | None, full_steps: Sequence[int], step: int) 
 
 def first_cycles(full_steps: Sequence[int], warmup: int, strength: float, cycles: int) -> dict[int, float]:
     """The calibrated form: correction strength `strength` at the full steps closing the first `cycles` cache
-    cycles after the warm-up, none later."""
+    cycles after the warm-up, none later.
+
+    Example (for a method's `correction` field, e.g. `lesa.FORAConfig(correction=...)`):
+        >>> from lesa.schedule import StepSchedule
+        >>> first_cycles(StepSchedule(interval=7, warmup=3).full_steps(50), warmup=3, strength=0.5, cycles=2)
+        {10: 0.5, 17: 0.5}
+    """
     return {step: strength for step in [f for f in full_steps if f > warmup][:cycles]}
 
 

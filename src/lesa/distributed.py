@@ -43,7 +43,7 @@ def init_distributed(device: str | None = None, timeout_s: float = 1800.0) -> Di
     The backend follows the device: `nccl` for CUDA (each rank on `cuda:LOCAL_RANK`), `gloo` for CPU. `device`
     overrides the default (CUDA when available); a plain "cuda" becomes this rank's own GPU.
     """
-    from .models import resolve_device  # models imports the diffusers adapters: only when a run starts
+    from .pipelines import resolve_device  # pipelines imports the diffusers adapters: only when a run starts
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))

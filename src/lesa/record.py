@@ -13,15 +13,13 @@ the merged manifest after a barrier. A killed run (one process or many, any numb
 stopped: a shard on disk counts as done even when the manifest did not list it yet.
 
 Each manifest entry carries its shard's size and SHA-256: a resumed run records a listed shard again when it is
-missing or damaged, and `Recording.load` verifies a shard's checksum before its first use.
+missing or damaged, and `Recording.load` verifies a shard's checksum before its first use. The reader (`Recording`,
+the manifest and shard checks) is `lesa.recording`.
 """
 
 from __future__ import annotations
 
 import errno
-import functools
-import hashlib
-import inspect
 import json
 import os
 import re
@@ -36,15 +34,15 @@ from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from . import disable, distributed, enable
+from .adapters import model_class_name
 from .checks import check_numbers
 from .config import NoCacheConfig
 from .io import atomic_path, atomic_write_text, file_sha256
-from .models import float_dtype
+from .pipelines import call_kwargs, float_dtype, pipeline_output
+from .recording import FORMAT_VERSION, MANIFEST, check_finite, load_manifest, shard_problem
 from .runtime import StepEvent, get_runtime
 
-MANIFEST = "manifest.json"
 SHARD_DIR = "shards"
-FORMAT_VERSION = 1
 # Settings a resumed run must share with the manifest it continues.
 _SETTINGS = (
     "model",
@@ -59,8 +57,6 @@ _SETTINGS = (
     "true_cfg_scale",
     "num_frames",
 )
-# Test hook: "RANK:K" makes rank RANK exit abruptly (no clean-up) after it wrote K shards, as a killed job would.
-EXIT_AFTER_ENV = "LESA_TEST_RECORD_EXIT_AFTER"
 _SHARD_NAME = re.compile(r"^(\d{6})\.safetensors$")
 _ST_DTYPES = {
     torch.float64: "F64",
@@ -76,7 +72,16 @@ Layout = dict[str, tuple[torch.dtype, tuple[int, ...]]]
 
 
 def read_prompts(path: str | Path) -> list[str]:
-    """Non-empty lines of a UTF-8 prompt file; a clear error if it is missing or holds no prompt."""
+    """Non-empty lines of a UTF-8 prompt file; a clear error if it is missing or holds no prompt.
+
+    Example:
+        >>> import tempfile
+        >>> from pathlib import Path
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     _ = Path(tmp, "prompts.txt").write_text("a red circle\\n\\n  a blue square\\n", encoding="utf-8")
+        ...     read_prompts(Path(tmp, "prompts.txt"))
+        ['a red circle', 'a blue square']
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"prompt file {path} does not exist")
@@ -168,11 +173,6 @@ class ShardWriter:
         self.file.close()
 
 
-def _check_finite(tensor: torch.Tensor, name: str, where: str) -> None:
-    if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-        raise ValueError(f"{where}: tensor {name!r} holds NaN or inf; nothing was written for it")
-
-
 def _per_prompt(tensor: torch.Tensor) -> torch.Tensor:
     """One prompt's part of a transformer call: the batch's only row, or, when the pipeline batches classifier-free
     guidance into one call (SD3, PixArt: [uncond, cond]), the whole batch."""
@@ -198,7 +198,7 @@ class _StreamingRecorder:
         for kind, tensor in (("feature", event.tap), ("output", event.output)):
             name = f"{event.context}.{kind}"
             piece = _per_prompt(tensor.detach()).to("cpu", self.dtype)
-            _check_finite(piece, name, f"{self.where} step {event.step}")
+            check_finite(piece, name, f"{self.where} step {event.step}")
             if name not in self.writer.layout:
                 raise RuntimeError(f"{self.where}: context {event.context!r} did not appear in the probe run")
             self.writer.write(name, piece, row=event.step)
@@ -215,25 +215,6 @@ class _ShapeProbe:
         self.layout.setdefault("noise", (event.latents.dtype, tuple(event.latents.shape[1:])))
         self.layout[f"{event.context}.feature"] = (self.dtype, tuple(_per_prompt(event.tap).shape))
         self.layout[f"{event.context}.output"] = (self.dtype, tuple(_per_prompt(event.output).shape))
-
-
-def call_kwargs(settings: dict[str, Any], pipe) -> dict[str, Any]:
-    """The pipeline keyword arguments that reproduce a recorded run (prompt and latents aside); settings left at
-    None keep the pipeline's own defaults."""
-    kwargs: dict[str, Any] = {"num_inference_steps": settings["steps"], "output_type": "latent"}
-    for key in ("height", "width", "num_frames", "guidance_scale", "negative_prompt", "true_cfg_scale"):
-        if settings.get(key) is not None:
-            kwargs[key] = settings[key]
-    accepted = inspect.signature(pipe.__call__).parameters
-    unknown = [k for k in kwargs if k not in accepted]
-    if unknown:
-        raise ValueError(f"{type(pipe).__name__} does not take {', '.join(unknown)}")
-    return kwargs
-
-
-def pipeline_output(result) -> torch.Tensor:
-    """The images (image pipelines) or frames (video pipelines) of a pipeline call."""
-    return result.images if hasattr(result, "images") else result.frames
 
 
 def _generate(pipe, prompt: str, seed: int, settings: dict, device: str, observer) -> torch.Tensor:
@@ -285,7 +266,7 @@ def _run_one(
             recorder = _StreamingRecorder(writer, dtype, where)
             final = _generate(pipe, prompt, seed, settings, device, recorder)
             final = final.detach()[0].float().cpu()
-            _check_finite(final, "final", where)
+            check_finite(final, "final", where)
             writer.write("final", final)
             sigmas = torch.as_tensor(pipe.scheduler.sigmas).detach().float().cpu()
             if tuple(sigmas.shape) != layout["sigmas"][1]:
@@ -322,19 +303,6 @@ def _entry(out_dir: Path, index: int, prompt: str, seed: int) -> dict[str, Any]:
         "bytes": path.stat().st_size,
         "sha256": file_sha256(path),
     }
-
-
-def shard_problem(path: Path, entry: dict[str, Any], checksum: bool = True) -> str | None:
-    """What is wrong with the shard of a manifest entry (missing, other size, with `checksum` other content), or
-    None. Entries of recordings made before checksums were recorded are checked by size alone."""
-    if not path.is_file():
-        return "is missing"
-    size = path.stat().st_size
-    if size != entry["bytes"]:
-        return f"is corrupted: {size} bytes, manifest says {entry['bytes']}"
-    if checksum and "sha256" in entry and file_sha256(path) != entry["sha256"]:
-        return "is corrupted: its content differs from what was recorded (SHA-256 mismatch)"
-    return None
 
 
 def _drop_damaged_entries(out_dir: Path, manifest: dict, log) -> None:
@@ -465,6 +433,16 @@ def record(
 
     Under `torchrun` (process group initialised, e.g. by `lesa.distributed.init_distributed`) every rank calls this
     with the same arguments: each records its share of the prompts still to do and rank 0 writes the manifest.
+
+    Example (a second call finds both prompts done):
+        >>> import tempfile
+        >>> from lesa.testing import tiny_flux_pipeline
+        >>> pipe, prompts = tiny_flux_pipeline(), ["a red circle", "a blue square"]
+        >>> settings = dict(model="tiny-random-flux", steps=4, height=16, width=16, progress=False, log=lambda *_: None)
+        >>> with tempfile.TemporaryDirectory() as out:
+        ...     first, again = record(pipe, prompts, out, **settings), record(pipe, prompts, out, **settings)
+        >>> (first.recorded, first.skipped), (again.recorded, again.skipped)
+        ((2, 0), (0, 2))
     """
     if not prompts:
         raise ValueError("no prompts to record")
@@ -485,7 +463,7 @@ def record(
         log = _quiet
     settings = {
         "model": model,
-        "model_class": type(pipe.transformer).__name__,
+        "model_class": model_class_name(pipe.transformer),
         "steps": steps,
         "height": height,
         "width": width,
@@ -504,10 +482,7 @@ def record(
         done = {e["index"] for e in manifest["entries"]}
         todo = [i for i in range(len(prompts)) if i not in done]
         mine = todo[dist.rank :: dist.world_size]
-        exit_after = _exit_hook(dist.rank)
-        for count, index in enumerate(
-            tqdm(mine, desc="record", unit="prompt", disable=not (progress and dist.is_main)), 1
-        ):
+        for index in tqdm(mine, desc="record", unit="prompt", disable=not (progress and dist.is_main)):
             prompt_seed = seed + index
             where = f"prompt {index} ({prompts[index]!r})"
             _run_one(
@@ -526,8 +501,6 @@ def record(
                 manifest["entries"].sort(key=lambda e: e["index"])
                 _fill_sigmas(out_dir, manifest)
                 atomic_write_text(manifest_path, json.dumps(manifest, indent=1) + "\n")
-            if exit_after is not None and count >= exit_after:
-                os._exit(17)
         if dist.distributed:
             # every rank's shards are in; rank 0 lists what the ranks report (each stats its own files)
             mine_entries = [_entry(out_dir, i, prompts[i], seed + i) for i in mine]
@@ -551,112 +524,9 @@ def _quiet(*_args, **_kwargs) -> None:
     pass
 
 
-def _exit_hook(rank: int) -> int | None:
-    spec = os.environ.get(EXIT_AFTER_ENV)
-    if not spec:
-        return None
-    target, _, count = spec.partition(":")
-    return int(count) if int(target) == rank else None
-
-
 def _fill_sigmas(out_dir: Path, manifest: dict) -> None:
     """The manifest's copy of the sigma schedule, read from the first shard once there is one."""
     if manifest.get("sigmas") or not manifest["entries"]:
         return
     with safe_open(str(out_dir / manifest["entries"][0]["file"]), framework="pt") as f:
         manifest["sigmas"] = f.get_tensor("sigmas").tolist()
-
-
-def load_manifest(data_dir: str | Path) -> dict:
-    """The manifest of a recording directory, checked for the fields training relies on."""
-    path = Path(data_dir) / MANIFEST
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist: is {data_dir} a `lesa record` output directory?")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is corrupted (not valid JSON: {e})") from e
-    if not isinstance(manifest, dict):
-        raise ValueError(f"{path} is corrupted: a JSON object expected, got {type(manifest).__name__}")
-    _require(path, manifest, {"format_version": int, "settings": dict, "prompts": list, "entries": list})
-    if manifest["format_version"] > FORMAT_VERSION:
-        raise ValueError(f"{path}: format_version {manifest['format_version']} is newer than this lesa reads")
-    _require(path, manifest["settings"], {"model": str, "model_class": str, "steps": int}, "settings.")
-    if manifest["entries"]:  # a recording with trajectories: what reading and training them relies on
-        _require(path, manifest, {"sigmas": list, "contexts": list, "shapes": dict})
-        if not manifest["contexts"] or not all(f"{c}.feature" in manifest["shapes"] for c in manifest["contexts"]):
-            raise ValueError(f"{path} is corrupted: field 'shapes' lacks the feature shape of a context it lists")
-    return manifest
-
-
-def _require(path: Path, data: dict, types: dict[str, type], prefix: str = "") -> None:
-    """Refuse a manifest whose `data` lacks one of the fields `types` names, or holds it with another JSON type."""
-    for key, kind in types.items():
-        name = prefix + key
-        if key not in data:
-            raise ValueError(f"{path} is corrupted: field {name!r} is missing")
-        if not isinstance(data[key], kind) or isinstance(data[key], bool):
-            raise ValueError(f"{path} is corrupted: field {name!r} is not a JSON {kind.__name__}")
-
-
-class Recording:
-    """Read access to a recording directory, with every shard checked against the manifest when loaded."""
-
-    def __init__(self, data_dir: str | Path) -> None:
-        self.dir = Path(data_dir)
-        self.manifest = load_manifest(self.dir)
-        self.entries = self.manifest["entries"]
-        if not self.entries:
-            raise ValueError(f"{self.dir / MANIFEST} lists no recorded trajectory")
-        self.settings = self.manifest["settings"]
-        self.sigmas: list[float] = self.manifest["sigmas"]
-        self.contexts: list[str] = self.manifest["contexts"]
-        self.shapes: dict[str, list[int]] = self.manifest["shapes"]
-        self._verified: set[int] = set()
-
-    def __len__(self) -> int:
-        return len(self.entries)
-
-    @property
-    def feature_dim(self) -> int:
-        return self.shapes[f"{self.contexts[0]}.feature"][-1]
-
-    @functools.cached_property
-    def fingerprint(self) -> str:
-        """SHA-256 naming this recording's content (settings, schedule, and each trajectory's prompt, seed and shard
-        checksum): a checkpoint or saved search made on other data is never taken for one made on this."""
-        keys = ("index", "prompt", "seed", "bytes", "sha256")
-        content = {
-            "settings": self.settings,
-            "sigmas": self.sigmas,
-            "entries": [{k: e.get(k) for k in keys} for e in self.entries],
-        }
-        return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
-
-    def load(self, i: int) -> dict[str, torch.Tensor]:
-        entry = self.entries[i]
-        path = self.dir / entry["file"]
-        self._check(path, entry, checksum=False)
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
-        except Exception as e:  # safetensors raises several types for damaged files
-            raise ValueError(f"shard {path} is corrupted: {e}") from e
-        for key, shape in self.shapes.items():
-            if key not in tensors:
-                raise ValueError(f"shard {path} is corrupted: tensor {key!r} is missing")
-            if list(tensors[key].shape) != shape:
-                raise ValueError(f"shard {path}: tensor {key!r} has shape {list(tensors[key].shape)}, expected {shape}")
-        for name, tensor in tensors.items():
-            _check_finite(tensor, name, f"shard {path}")
-        if i not in self._verified:  # after the checks above, which name the tensor at fault when they can
-            self._check(path, entry, checksum=True)  # the whole file read once per shard and Recording
-            self._verified.add(i)
-        return tensors
-
-    def _check(self, path: Path, entry: dict[str, Any], checksum: bool) -> None:
-        problem = shard_problem(path, entry, checksum)
-        if problem == "is missing":
-            raise FileNotFoundError(f"shard {path} listed in {self.dir / MANIFEST} is missing")
-        if problem is not None:
-            raise ValueError(f"shard {path} {problem}; record it again")

@@ -148,6 +148,7 @@ class CacheRuntime:
         self.sigma_source = sigma_source
         self.state_manager = _StateManager(ContextState)
         self.num_blocks = len(self.adapter.trunk_blocks(model))
+        self.trunk_hooks: list[TrunkBlockHook] = []  # filled by `apply_lesa_cache`; their `ran` flags count blocks
         self.observers: list[Observer] = []
         self.differentiable = bool(getattr(config, "differentiable", False))
         self.stats: dict[str, ContextStats] = {}
@@ -190,6 +191,7 @@ class CacheRuntime:
         """After a transformer call raised: the generation it belonged to is over, so every context's next call
         starts a fresh one (a half-updated history, step counter or corrector never leaks into it)."""
         self.state_manager.restart()
+        self._clear_block_flags()
 
     def begin_call(self, args: tuple, kwargs: dict, dtype: torch.dtype | None = None) -> tuple[str, ContextState]:
         context = self.state_manager.context
@@ -219,12 +221,20 @@ class CacheRuntime:
         state.tap = None
         state.trunk_input = None
         state.dtype = dtype
+        self._clear_block_flags()
         return context.name, state
+
+    def _clear_block_flags(self) -> None:
+        for hook in self.trunk_hooks:
+            hook.ran = False
 
     def end_call(self, name: str, state: ContextState) -> None:
         stats = self.stats[name]
         stats.calls += 1
         stats.full += int(state.full)
+        # the trunk blocks that ran in this call, counted here (outside compiled code) from the flags their hooks set
+        stats.block_calls += sum(hook.ran for hook in self.trunk_hooks)
+        self._clear_block_flags()
         if state.full:
             state.last_full = state.current_step
         state.step = state.current_step + 1
@@ -373,6 +383,10 @@ class RootHook(ModelHook):
 class TrunkBlockHook(ModelHook):
     """On every trunk block: run it on full steps, return its inputs unchanged on cached steps.
 
+    A block that runs sets its hook's `ran` flag, which the root hook's compiler-disabled `_end` counts and clears: the
+    hook writes one constant and reads no counter, so under whole-model torch.compile nothing in it changes from step
+    to step (a counter incremented here would be a Python int that dynamo guards on, recompiling the model each step).
+
     In differentiable mode with `checkpoint_trunk` (closed-loop training), a full step run under autograd runs each
     block under gradient checkpointing: autograd keeps the block's inputs and recomputes its activations in backward.
     """
@@ -383,6 +397,7 @@ class TrunkBlockHook(ModelHook):
         self.first = first
         self._params = list(inspect.signature(type(block).forward).parameters)[1:]
         self.checkpoint = runtime.differentiable and bool(getattr(runtime.config, "checkpoint_trunk", False))
+        self.ran = False  # this block ran in the call in progress (counted and cleared by the root hook)
 
     def _arg(self, name: str, args: tuple, kwargs: dict) -> Any:
         return kwargs[name] if name in kwargs else args[self._params.index(name)]
@@ -399,7 +414,7 @@ class TrunkBlockHook(ModelHook):
             modulated = norm(hidden, emb=self._arg(adapter.modulation_argument, args, kwargs))[0]
             state.full = state.policy.decide(modulated, hidden, state.current_step)
         if state.full:
-            rt.stats[rt.state_manager.context.name].block_calls += 1
+            self.ran = True
             if self.checkpoint and torch.is_grad_enabled():
                 # only the block's own forward is recomputed in backward: the bookkeeping above (and the policy's
                 # history, which the root and tap hooks update outside every block) must run once per call
@@ -531,19 +546,20 @@ def apply_lesa_cache(
     if hasattr(transformer, "_lesa_runtime"):
         raise RuntimeError("lesa is already enabled on this transformer; call remove_lesa_cache(transformer) first")
     check_no_other_cache(transformer, config)
-    runtime = CacheRuntime(transformer, config, sigma_source)
+    runtime = CacheRuntime(transformer, config.resolve(), sigma_source)
     adapter = runtime.adapter
     root = HookRegistry.check_if_exists_or_initialize(transformer)
     root.register_hook(RootHook(runtime), ROOT_HOOK)
     for i, (_, block) in enumerate(adapter.trunk_blocks(transformer)):
         hook = TrunkBlockHook(runtime, block, first=i == 0)
         HookRegistry.check_if_exists_or_initialize(block).register_hook(hook, TRUNK_HOOK)
+        runtime.trunk_hooks.append(hook)
     tap_module = transformer.get_submodule(adapter.tap_module)
     HookRegistry.check_if_exists_or_initialize(tap_module).register_hook(TapHook(runtime, tap_module), TAP_HOOK)
     root.invalidate_child_registries_cache()
     transformer._lesa_runtime = runtime
     if isinstance(transformer, CacheMixin):
-        transformer._cache_config = config
+        transformer._cache_config = runtime.config  # the resolved config: `remove_lesa_cache` removes exactly it
         for name, method in _CACHE_METHODS.items():
             # bound methods, not closures: a deep copy of the transformer rebinds them to the copy
             setattr(transformer, name, types.MethodType(method, transformer))

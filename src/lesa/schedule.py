@@ -14,6 +14,15 @@ class StepSchedule:
 
     `explicit` (a searched schedule, see `calibrate.refine_schedule`) replaces the interval rule: the full steps
     after the warm-up are exactly these, and `interval` only names the uniform budget they were placed for.
+
+    The one schedule type: every config (`CacheConfig.schedule()`, `PredictorConfig.schedule()`, a training
+    variant's, a bench budget's) runs one.
+
+    Example:
+        >>> StepSchedule(interval=7, warmup=3).full_steps(50)
+        [0, 1, 2, 3, 10, 17, 24, 31, 38, 45]
+        >>> StepSchedule(7, 3, explicit=(7, 13, 21, 28, 36, 44)).cached_steps(12)
+        [4, 5, 6, 8, 9, 10, 11]
     """
 
     interval: int = 7

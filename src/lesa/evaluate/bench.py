@@ -24,10 +24,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..adapters import get_adapter
+from ..adapters import get_adapter, model_class_name
 from ..checks import check_numbers
 from ..io import atomic_path, atomic_write_text
-from ..record import Recording, read_prompts, record
+from ..record import read_prompts, record
+from ..recording import Recording
+from ..schedule import StepSchedule
 from ..trajectories import Pair, Trajectories, check_disjoint, describe, overlap, stderr_notice
 from .methods import (
     FAMILIES,
@@ -102,7 +104,7 @@ class Bench:
     it (default: the pipeline's `name_or_path`)."""
 
     def __init__(self, cfg: BenchConfig, log=print, pipe=None) -> None:
-        from ..models import load_pipeline, model_label
+        from ..pipelines import load_pipeline, model_label
 
         self.cfg, self.log = cfg, log
         self.out = Path(cfg.out)
@@ -121,7 +123,7 @@ class Bench:
         # the settings of every trajectory the bench generates, as `lesa record` would store them
         self.settings: dict[str, Any] = {
             "model": self.model,
-            "model_class": type(self.pipe.transformer).__name__,
+            "model_class": model_class_name(self.pipe.transformer),
             "steps": cfg.steps,
             "height": cfg.height,
             "width": cfg.width,
@@ -254,7 +256,7 @@ class Bench:
         search = fit_pairs[: cfg.search_prompts]
         methods: list[Method] = []
         for interval, warmup, explicit in schedules:
-            budget = Budget(interval, warmup, cfg.steps, explicit)
+            budget = Budget(StepSchedule(interval, warmup, explicit=explicit), cfg.steps)
             if "lesa" in cfg.methods:
                 methods += learned.get((interval, warmup, explicit), [])
             for family in cfg.methods:
@@ -481,7 +483,9 @@ def _save_sample(path: Path, images: list[np.ndarray]) -> None:
 
 
 def _clean(value: Any) -> Any:
-    """JSON-safe: infinite or NaN floats become strings ("inf"), tuples lists."""
+    """JSON-safe: infinite or NaN floats become strings ("inf"), tuples lists, paths strings."""
+    if isinstance(value, Path):
+        return str(value)
     if isinstance(value, float):
         return value if math.isfinite(value) else str(value)
     if isinstance(value, dict):

@@ -19,10 +19,10 @@ from typing import Any
 import lesa
 
 from ..calibrate import fit_damping, fit_linear, fit_polynomial, search_threshold
-from ..config import LinearForecastConfig, TeaCacheConfig
+from ..config import CacheConfig, LinearForecastConfig, TeaCacheConfig
 from ..correction import DEFAULT_CYCLES, DEFAULT_STRENGTH, first_cycles
 from ..predictor import LESAPredictor
-from ..record import Recording
+from ..recording import Recording
 from ..schedule import StepSchedule
 
 FAMILIES: tuple[str, ...] = (
@@ -40,6 +40,7 @@ FAMILIES: tuple[str, ...] = (
     "diffusers-magcache",
 )
 NEEDS_FIT_DATA = ("taylorseer-damped", "linear", "taylorseer-damped-corrected")
+OWN_BASELINES = ("fora", "taylorseer-o1", "taylorseer-o2", "taylorseer-damped", "linear")
 SEARCHED = ("teacache", "diffusers-fbcache", "diffusers-magcache")
 # methods that only match a budget's count of full steps, not where they lie: run once per budget
 SAME_ON_ANY_PLACEMENT = (*SEARCHED, "diffusers-taylorseer")
@@ -47,17 +48,23 @@ SAME_ON_ANY_PLACEMENT = (*SEARCHED, "diffusers-taylorseer")
 
 @dataclass
 class Budget:
-    """A full-step budget: LESA's schedule (interval N, warm-up E) over `steps` steps; `explicit`: the full steps
-    after the warm-up of a searched schedule (a predictor's), which every fixed-schedule method then shares."""
+    """A full-step budget: a schedule over `steps` steps, named by LESA's interval N and warm-up E; a searched
+    schedule's placement (a predictor's) is shared by every fixed-schedule method on that budget."""
 
-    interval: int
-    warmup: int
+    schedule: StepSchedule
     steps: int
-    explicit: tuple[int, ...] = ()
 
     @property
-    def schedule(self) -> StepSchedule:
-        return StepSchedule(self.interval, self.warmup, explicit=self.explicit)
+    def interval(self) -> int:
+        return self.schedule.interval
+
+    @property
+    def warmup(self) -> int:
+        return self.schedule.warmup
+
+    @property
+    def explicit(self) -> tuple[int, ...]:
+        return self.schedule.explicit
 
     @property
     def name(self) -> str:
@@ -112,23 +119,19 @@ def fixed_methods(
             method.family = family
             method.fitted["correction"] = {str(k): v for k, v in strengths.items()}
         return methods
-    sched = dict(interval=budget.interval, warmup=budget.warmup, explicit_full_steps=budget.explicit, count_flops=False)
-    n = budget.name
-    if correction:
-        sched["correction"] = correction
-        n = f"+ correction {n}"
+    n = budget.name if not correction else f"+ correction {budget.name}"
     if family == "fora":
-        return [Method(f"FORA {n}", family, budget, *_ours(lesa.FORAConfig(**sched)))]
+        return [Method(f"FORA {n}", family, budget, *_ours(baseline_config(family, budget.schedule, correction)))]
     if family in ("taylorseer-o1", "taylorseer-o2"):
-        order = int(family[-1])
-        return [Method(f"TaylorSeer O{order} {n}", family, budget, *_ours(lesa.TaylorSeerConfig(order=order, **sched)))]
+        config = baseline_config(family, budget.schedule, correction)
+        return [Method(f"TaylorSeer O{family[-1]} {n}", family, budget, *_ours(config))]
     if family == "taylorseer-damped":
         g = fit_damping(fit, budget.schedule, fit_indices)
-        config = lesa.TaylorSeerConfig(order=1, damping=g, **sched)
+        config = baseline_config(family, budget.schedule, correction, damping=g)
         return [Method(f"TaylorSeer O1 damped {n}", family, budget, *_ours(config), fitted={"damping": g})]
     if family == "linear":
         weights = fit_linear(fit, budget.schedule, indices=fit_indices)
-        config = LinearForecastConfig(weights=weights, **sched)
+        config = baseline_config(family, budget.schedule, correction, weights=weights)
         fitted = {"history": 3, "weights": {str(k): v for k, v in weights.items()}}
         return [Method(f"least-squares linear {n}", family, budget, *_ours(config), fitted=fitted)]
     if family == "diffusers-taylorseer":
@@ -150,6 +153,42 @@ def fixed_methods(
         fitted = {"cache_interval": every, "disable_cache_before_step": before}
         return [Method(f"diffusers TaylorSeerCache lite O1 {n}", family, budget, *_diffusers(factory), fitted=fitted)]
     raise ValueError(f"{family!r} is not a fixed-schedule method")
+
+
+def baseline_config(
+    family: str,
+    schedule: StepSchedule,
+    correction: dict[int, float] | None = None,
+    damping: float = 1.0,
+    weights: dict[int, list[float]] | None = None,
+) -> CacheConfig:
+    """The configuration of a fixed-schedule baseline of lesa's own on `schedule`, FLOPs not counted: the one
+    registry the bench, training (start and validation rows) and the benchmark scripts build baselines from.
+
+    Families: "fora", "taylorseer-o1", "taylorseer-o2", "taylorseer-damped" (with its fitted `damping`) and "linear"
+    (with its fitted `weights`); `correction`: full-step correction strengths (`correction.first_cycles`).
+
+    Example:
+        >>> from lesa.schedule import StepSchedule
+        >>> baseline_config("taylorseer-damped", StepSchedule(7, 3), damping=0.8).damping
+        0.8
+    """
+    sched = dict(
+        interval=schedule.interval,
+        warmup=schedule.warmup,
+        explicit_full_steps=schedule.explicit,
+        count_flops=False,
+        correction=dict(correction or {}),
+    )
+    if family == "fora":
+        return lesa.FORAConfig(**sched)
+    if family in ("taylorseer-o1", "taylorseer-o2"):
+        return lesa.TaylorSeerConfig(order=int(family[-1]), **sched)
+    if family == "taylorseer-damped":
+        return lesa.TaylorSeerConfig(order=1, damping=damping, **sched)
+    if family == "linear":
+        return LinearForecastConfig(weights=weights or {}, **sched)
+    raise ValueError(f"{family!r} is not a fixed-schedule baseline of lesa's; those are {', '.join(OWN_BASELINES)}")
 
 
 def diffusers_taylorseer_rhythm(budget: Budget) -> tuple[int, int]:
@@ -191,7 +230,7 @@ def lesa_methods(predictors: list[str], steps: int) -> dict[tuple[int, int, tupl
         pc = predictor.config
         if pc.num_steps != steps:
             raise ValueError(f"predictor {directory} was trained for {pc.num_steps} steps, the bench runs {steps}")
-        budget = Budget(pc.interval, pc.warmup, steps, tuple(pc.explicit_full_steps))
+        budget = Budget(pc.schedule(), steps)
         variant = SEED_SUFFIX.sub("", Path(directory).resolve().name)
         loaded.append((directory, predictor, budget, variant))
     names: dict[tuple[int, int, tuple[int, ...]], set[str]] = {}

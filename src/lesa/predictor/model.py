@@ -34,7 +34,16 @@ _CARD_MARKS = ("library_name: lesa", "# LESA predictor")
 
 @dataclass
 class PredictorConfig:
-    """Everything a predictor was trained for; saved as config.json beside the weights."""
+    """Everything a predictor was trained for; saved as config.json beside the weights.
+
+    Example:
+        >>> config = PredictorConfig(
+        ...     model_class="FluxTransformer2DModel", tap="t", num_steps=20, sigmas=[1 - i / 20 for i in range(21)],
+        ...     feature_dim=6, kan_hidden=[8, 8],
+        ... )
+        >>> config.interval, config.warmup, config.schedule().full_steps(config.num_steps)
+        (7, 3, [0, 1, 2, 3, 10, 17])
+    """
 
     model_class: str
     tap: str
@@ -45,7 +54,8 @@ class PredictorConfig:
     interval: int = 7
     warmup: int = 3
     forced_full_steps: list[int] = field(default_factory=list)
-    explicit_full_steps: list[int] = field(default_factory=list)  # a searched schedule (`lesa train --schedule search`)
+    # a searched schedule (`lesa train --set schedule=search`)
+    explicit_full_steps: list[int] = field(default_factory=list)
     thresholds: list[float] = field(default_factory=lambda: [0.9, 0.5])
     windows: list[int] = field(default_factory=lambda: [4, 8, 8])
     history: int = 8
@@ -61,7 +71,7 @@ class PredictorConfig:
     memory: str = "steps"
     gain_bias: float = 0.0  # constant added to the gain network's output (a calibrated start, e.g. the damping)
     # a learned (steps, history) table per context added to each step's folded filter: per-step filters, e.g.
-    # started at the least-squares linear forecaster (`lesa train --gain-init linear`)
+    # started at the least-squares linear forecaster (`lesa train --set gain_init=linear`)
     step_filters: bool = False
     # a seed ensemble: `members` sets of stage experts (and step filters) whose folded coefficients are averaged, so
     # it forecasts at the cost of one predictor (`LESAPredictor.ensemble`)
@@ -129,6 +139,16 @@ class LESAPredictor(nn.Module):
     stage of the current sigma; h holds the last K features (memory "steps", r = 1) or the last K full-step features
     (memory "full", r = the extrapolation distance). Master weights stay fp32; at inference the forecast runs in the
     feature's own dtype with the per-step coefficients computed once per sigma schedule.
+
+    Example (an untrained predictor forecasting step 4 from the features of steps 0-3):
+        >>> import torch
+        >>> config = PredictorConfig(
+        ...     model_class="FluxTransformer2DModel", tap="t", num_steps=20, sigmas=[1 - i / 20 for i in range(21)],
+        ...     feature_dim=6, kan_hidden=[8, 8],
+        ... )
+        >>> history = [torch.randn(64, 6) for _ in range(4)]
+        >>> LESAPredictor(config).forecast(history, "cond", step=4, sigmas=torch.tensor(config.sigmas)).shape
+        torch.Size([64, 6])
     """
 
     def __init__(self, config: PredictorConfig) -> None:
@@ -285,7 +305,17 @@ class LESAPredictor(nn.Module):
     ) -> None:
         """Write model.safetensors (fp32), a README.md model card and the text `files` (name: content) if given, then
         config.json, each atomically. config.json comes last and names the weights' SHA-256, so a save interrupted
-        part-way leaves either no config.json or one that `from_pretrained` finds does not match the weights."""
+        part-way leaves either no config.json or one that `from_pretrained` finds does not match the weights.
+
+        Example:
+            >>> import tempfile
+            >>> from lesa.pipelines import shipped_predictor
+            >>> predictor = LESAPredictor.from_pretrained(shipped_predictor(7))
+            >>> with tempfile.TemporaryDirectory() as tmp:
+            ...     predictor.save_pretrained(tmp, card="# LESA predictor")
+            ...     LESAPredictor.from_pretrained(tmp).config == predictor.config
+            True
+        """
         directory = Path(directory)
         check_predictor_dir(directory)
         directory.mkdir(parents=True, exist_ok=True)
@@ -313,7 +343,9 @@ class LESAPredictor(nn.Module):
         it, so `from_pretrained(repo_id)` loads it back. A README.md is uploaded only when `card` is given: without
         one, a card already in the repo is kept. Returns the commit's `CommitInfo`.
 
-            >>> predictor.push_to_hub("user/lesa-flux-n7", card=card, private=True)
+        Example (needs a Hub login or `token=`):
+            >>> predictor = LESAPredictor.from_pretrained("runs/pred-n7")  # doctest: +SKIP
+            >>> info = predictor.push_to_hub("user/lesa-flux-n7", private=True)  # doctest: +SKIP
         """
         import huggingface_hub  # looked up at call time (tests replace HfApi)
 
@@ -346,8 +378,12 @@ class LESAPredictor(nn.Module):
         downloaded with `huggingface_hub.hf_hub_download` (the keyword arguments are its own; a local directory
         ignores them). Both are checked alike: config fields, tensor names and shapes, finite values, the SHA-256.
 
-            >>> LESAPredictor.from_pretrained("runs/pred-n7")
-            >>> LESAPredictor.from_pretrained("user/lesa-flux-n7", revision="main")
+        Example:
+            >>> from lesa.pipelines import shipped_predictor
+            >>> predictor = LESAPredictor.from_pretrained(shipped_predictor(7))
+            >>> predictor.config.model_class, predictor.config.num_steps, predictor.config.interval, predictor.training
+            ('FluxTransformer2DModel', 50, 7, False)
+            >>> predictor = LESAPredictor.from_pretrained("user/lesa-flux-n7", revision="main")  # doctest: +SKIP
         """
         directory = Path(name_or_path)
         if isinstance(name_or_path, str) and not directory.exists() and is_hub_repo_id(name_or_path):
@@ -418,7 +454,17 @@ class LESAPredictor(nn.Module):
     @classmethod
     def ensemble(cls, predictors: list[LESAPredictor]) -> LESAPredictor:
         """A seed ensemble of predictors trained for the same schedule and architecture: its folded coefficients are
-        the mean of theirs (a forecast costs what one predictor's does)."""
+        the mean of theirs (a forecast costs what one predictor's does).
+
+        Example:
+            >>> config = PredictorConfig(
+            ...     model_class="FluxTransformer2DModel", tap="t", num_steps=20, sigmas=[1 - i / 20 for i in range(21)],
+            ...     feature_dim=6, kan_hidden=[8, 8],
+            ... )
+            >>> pair = LESAPredictor.ensemble([LESAPredictor(config), LESAPredictor(config)])
+            >>> pair.config.members, pair.num_parameters() == 2 * LESAPredictor(config).num_parameters()
+            (2, True)
+        """
         if not predictors:
             raise ValueError("an ensemble needs at least one predictor")
         first = asdict(predictors[0].config)

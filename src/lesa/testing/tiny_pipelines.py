@@ -1,52 +1,24 @@
-"""Loading pipelines: a local diffusers directory or hub id, the embedded model, or a tiny random pipeline.
+"""Tiny pipelines of the real diffusers classes with random weights, built in code (offline): plumbing, not pictures.
 
-The default is the embedded model when its trained weights are present in the package; otherwise a *tiny
-FluxPipeline with random weights* built locally in code, which exercises the workflow offline but draws noise.
+`lesa.pipelines.load_pipeline` builds them by name (`TINY_MODELS`, e.g. "tiny-random-flux"); the tests and the CLI's
+offline default use them. Each exercises the workflow of its class without weights to download, but draws noise.
 """
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import torch
 
-from .adapters import ADAPTERS, get_adapter
-
-TINY_MODEL = "tiny-random-flux"
-EMBEDDED_MODEL = "embedded"
-# tiny pipelines of the real diffusers classes with random weights, built in code (offline): plumbing, not pictures
-TINY_MODELS = {
-    TINY_MODEL: "tiny_flux_pipeline",
-    "tiny-random-qwenimage": "tiny_qwenimage_pipeline",
-    "tiny-random-hunyuanvideo": "tiny_hunyuanvideo_pipeline",
-    "tiny-random-wan": "tiny_wan_pipeline",
-    "tiny-random-sd3": "tiny_sd3_pipeline",
-}
-
-
-def shipped_predictor(interval: int) -> Path:
-    """The LESA predictor shipped for the embedded model at interval N (50 steps, warm-up 3)."""
-    from .embedded.loading import PREDICTORS_DIR
-
-    path = PREDICTORS_DIR / f"n{interval}"
-    if not (path / "config.json").is_file():
-        available = sorted(p.name for p in PREDICTORS_DIR.glob("n*") if (p / "config.json").is_file())
-        raise FileNotFoundError(
-            f"no shipped predictor for interval {interval} (shipped: {', '.join(available) or 'none'}); "
-            "pass --predictor DIR or another --interval"
-        )
-    return path
-
-
-def default_model() -> str:
-    from .embedded.loading import SHIPPED_DIR
-
-    return EMBEDDED_MODEL if (SHIPPED_DIR / "transformer").is_dir() else TINY_MODEL
+from ..pipelines import TINY_MODEL
 
 
 def tiny_flux_pipeline(seed: int = 0):
-    """A FluxPipeline of the real diffusers classes with tiny random components (~0.3 M params), built offline."""
+    """A FluxPipeline of the real diffusers classes with tiny random components (~0.3 M params), built offline.
+
+    Example:
+        >>> pipe = tiny_flux_pipeline()
+        >>> pipe("a red circle", num_inference_steps=2, height=16, width=16, output_type="latent").images.shape
+        torch.Size([1, 64, 4])
+    """
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5Tokenizer
 
@@ -109,94 +81,6 @@ def tiny_flux_pipeline(seed: int = 0):
     return pipe
 
 
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def resolve_device(device: str | None) -> str:
-    """The device `--device` names (None: cuda if available, else cpu), refused up front when it is no torch device
-    or this machine lacks it (torch would only fail deep inside the first transfer)."""
-    if device is None:
-        return default_device()
-    try:
-        parsed = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"--device {device!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from None
-    if parsed.type == "cpu":
-        return device
-    backend = getattr(torch, parsed.type, None)  # torch.cuda, torch.mps, torch.xpu, ...
-    if not (hasattr(backend, "is_available") and backend.is_available()):
-        raise ValueError(f"--device {device}: no {parsed.type} device is available on this machine")
-    count = backend.device_count() if hasattr(backend, "device_count") else None
-    if parsed.index is not None and count is not None and parsed.index >= count:
-        raise ValueError(f"--device {device}: this machine has {count} {parsed.type} device(s)")
-    return device
-
-
-def float_dtype(name: str, option: str = "--dtype") -> torch.dtype:
-    """The floating-point torch dtype called `name` (e.g. bfloat16); a ValueError naming `option` otherwise."""
-    dtype = getattr(torch, name, None) if isinstance(name, str) else None
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise ValueError(f"{option} {name!r} is not a floating-point torch dtype (e.g. float32, bfloat16, float16)")
-    return dtype
-
-
-def parse_dtype(name: str | None, device: str) -> torch.dtype:
-    """The pipeline dtype `--dtype` names (None: bfloat16 on cuda, float32 elsewhere)."""
-    if name is None:
-        return torch.bfloat16 if device.startswith("cuda") else torch.float32
-    return float_dtype(name)
-
-
-def load_pipeline(
-    model: str | None = None, device: str | None = None, dtype: str | None = None, cpu_offload: bool = False
-):
-    """A pipeline from a local directory or hub id (`model`), or the default, in `dtype`: moved to `device`, or with
-    `cpu_offload` kept on the CPU and moved to `device` one component at a time (`enable_model_cpu_offload`)."""
-    from diffusers import DiffusionPipeline
-
-    from .embedded.loading import is_embedded_dir, load_embedded
-
-    device = resolve_device(device)
-    torch_dtype = parse_dtype(dtype, device)
-    model = model or default_model()
-    built_here = model in TINY_MODELS or model == EMBEDDED_MODEL or is_embedded_dir(model)
-    if model in TINY_MODELS:
-        pipe = globals()[TINY_MODELS[model]]()
-    elif model == EMBEDDED_MODEL:
-        pipe = load_embedded()
-    elif is_embedded_dir(model):
-        pipe = load_embedded(model)
-    else:
-        path = Path(model)
-        if path.exists() and not (path / "model_index.json").is_file():
-            raise FileNotFoundError(f"{path} is not a diffusers pipeline directory (no model_index.json)")
-        if not path.exists() and os.environ.get("HF_HUB_OFFLINE") == "1":
-            raise FileNotFoundError(f"{model} is not a local directory and HF_HUB_OFFLINE=1 forbids the hub")
-        pipe = DiffusionPipeline.from_pretrained(model, dtype=torch_dtype)
-    transformer = getattr(pipe, "transformer", None)
-    if transformer is None:
-        raise ValueError(f"{model}: {type(pipe).__name__} has no transformer; supported: {', '.join(ADAPTERS)}")
-    get_adapter(transformer)
-    if built_here and torch_dtype != torch.float32:
-        pipe.to(dtype=torch_dtype)
-    if cpu_offload:
-        pipe.enable_model_cpu_offload(device=device)
-    else:
-        pipe.to(device=device)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def model_label(model: str | None) -> str:
-    """How a recording or predictor names its base model: a built-in name, an absolute path or a hub id."""
-    model = model or default_model()
-    if model in TINY_MODELS or model == EMBEDDED_MODEL:
-        return model
-    return str(Path(model).resolve()) if Path(model).exists() else model
-
-
-# -- tiny pipelines of the other supported classes (random weights, built offline, for tests and the CLI) -----------
 _QWEN_TEMPLATE = (
     "<|im_start|>system\nDescribe the image by detailing the color, shape, size, texture, quantity, text, spatial "
     "relationships of the objects and background:<|im_end|>\n<|im_start|>user\n"
@@ -213,7 +97,12 @@ _HUNYUAN_TEMPLATE = (
 def tiny_tokenizer(template: str = "", specials: tuple[str, ...] = (), max_length: int = 512):
     """A fast WordPiece tokenizer built in code: the words of `template` are single tokens (so a pipeline's prompt
     template has about the token count its `crop_start` / drop index expects) and any other word splits into
-    characters (so different prompts give different tokens)."""
+    characters (so different prompts give different tokens).
+
+    Example:
+        >>> tiny_tokenizer("describe the image:").tokenize("describe the image: a cat")
+        ['describe', 'the', 'image', ':', 'a', 'c', '##a', '##t']
+    """
     import re
 
     from tokenizers import Tokenizer, models, pre_tokenizers
@@ -244,7 +133,14 @@ def _eval(pipe, *components):
 
 
 def tiny_qwenimage_pipeline(seed: int = 0):
-    """A QwenImagePipeline (true CFG with a negative prompt) of the real classes with tiny random components."""
+    """A QwenImagePipeline (true CFG with a negative prompt) of the real classes with tiny random components.
+
+    Example:
+        >>> pipe = tiny_qwenimage_pipeline()
+        >>> pipe("a red circle", negative_prompt="blurry", true_cfg_scale=4.0, num_inference_steps=2, height=32,
+        ...      width=32, output_type="latent").images.shape
+        torch.Size([1, 16, 16])
+    """
     from diffusers import (
         AutoencoderKLQwenImage,
         FlowMatchEulerDiscreteScheduler,
@@ -309,7 +205,14 @@ def tiny_qwenimage_pipeline(seed: int = 0):
 
 
 def tiny_hunyuanvideo_pipeline(seed: int = 0):
-    """A HunyuanVideoPipeline of the real classes with tiny random components (Llama + CLIP text encoders)."""
+    """A HunyuanVideoPipeline of the real classes with tiny random components (Llama + CLIP text encoders).
+
+    Example:
+        >>> pipe = tiny_hunyuanvideo_pipeline()
+        >>> pipe("a red circle", num_inference_steps=2, height=16, width=16, num_frames=5,
+        ...      output_type="latent").frames.shape
+        torch.Size([1, 4, 2, 2, 2])
+    """
     from diffusers import (
         AutoencoderKLHunyuanVideo,
         FlowMatchEulerDiscreteScheduler,
@@ -392,7 +295,14 @@ def tiny_hunyuanvideo_pipeline(seed: int = 0):
 
 
 def tiny_wan_pipeline(seed: int = 0):
-    """A WanPipeline (Wan 2.1 layout: one transformer) of the real classes with tiny random components."""
+    """A WanPipeline (Wan 2.1 layout: one transformer) of the real classes with tiny random components.
+
+    Example:
+        >>> pipe = tiny_wan_pipeline()
+        >>> pipe("a red circle", num_inference_steps=2, height=16, width=16, num_frames=5, max_sequence_length=16,
+        ...      output_type="latent").frames.shape
+        torch.Size([1, 16, 2, 2, 2])
+    """
     from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
     from transformers import UMT5Config, UMT5EncoderModel
 
@@ -431,7 +341,14 @@ def tiny_wan_pipeline(seed: int = 0):
 
 
 def tiny_sd3_pipeline(seed: int = 0):
-    """A StableDiffusion3Pipeline (two CLIP encoders + T5, CFG) of the real classes with tiny random components."""
+    """A StableDiffusion3Pipeline (two CLIP encoders + T5, CFG) of the real classes with tiny random components.
+
+    Example:
+        >>> pipe = tiny_sd3_pipeline()
+        >>> pipe("a red circle", num_inference_steps=2, height=16, width=16, max_sequence_length=16,
+        ...      output_type="latent").images.shape
+        torch.Size([1, 4, 8, 8])
+    """
     from diffusers import (
         AutoencoderKL,
         FlowMatchEulerDiscreteScheduler,
@@ -502,3 +419,13 @@ def tiny_sd3_pipeline(seed: int = 0):
         tokenizer_3=tokenizer_3,
     )
     return _eval(pipe, transformer, text_encoder, text_encoder_2, text_encoder_3, vae)
+
+
+# the names `load_pipeline` builds them by
+TINY_MODELS = {
+    TINY_MODEL: tiny_flux_pipeline,
+    "tiny-random-qwenimage": tiny_qwenimage_pipeline,
+    "tiny-random-hunyuanvideo": tiny_hunyuanvideo_pipeline,
+    "tiny-random-wan": tiny_wan_pipeline,
+    "tiny-random-sd3": tiny_sd3_pipeline,
+}
