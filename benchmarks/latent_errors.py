@@ -13,11 +13,12 @@ from __future__ import annotations
 
 from harness import make_parser, parse
 
-from lesa.config import CacheConfig, LESAConfig, TaylorSeerConfig
+from lesa.config import CacheConfig, LESAConfig
+from lesa.evaluate.methods import baseline_config
 from lesa.predictor import LESAPredictor
 from lesa.recording import Recording
 from lesa.training import Scorer, latent_psnr
-from lesa.training.start import Fits, schedule_kwargs
+from lesa.training.start import Fits
 
 
 def latent_errors(scorer: Scorer, config: CacheConfig, steps: list[int]) -> list[float]:
@@ -46,7 +47,7 @@ def main() -> None:
         f"held-out split: {len(scorer.data.val_idx)} trajectories of {args.data}; mean PSNR (dB) of the latent entering"
     )
     print(f"{'':>40s}  " + "  ".join(f"{f'step {s}':>8s}" for s in steps) + f"  {'final':>8s}")
-    damped = TaylorSeerConfig(order=1, damping=Fits(scorer.data).damping(schedule), **schedule_kwargs(schedule))
+    damped = baseline_config("taylorseer-damped", schedule, damping=Fits(scorer.data).damping(schedule))
     scored = [("TaylorSeer O1 damped", damped)]
     for name, predictor in zip(args.predictors, predictors, strict=True):
         scored.append((name, LESAConfig(predictor=predictor, count_flops=False)))

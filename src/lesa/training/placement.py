@@ -10,12 +10,12 @@ from typing import Any, NamedTuple
 
 from .. import distributed
 from ..calibrate import forecast_errors, refine_schedule, search_schedule
-from ..config import TaylorSeerConfig
+from ..evaluate.methods import baseline_config
 from ..io import atomic_write_text
 from ..schedule import StepSchedule
 from .config import TrainConfig
 from .data import TrainingData
-from .start import Fits, schedule_kwargs
+from .start import Fits
 from .validation import Scorer
 
 SEARCH_TRAJECTORIES = 40  # training trajectories a schedule plan or search reads
@@ -132,8 +132,8 @@ def search_full_steps(
     out: dict[str, Any] = {"uniform": uniform, "dynamic programming": planned}
 
     def score(full: list[int]) -> float:
-        sched = schedule_kwargs(explicit_schedule(config, full, num_steps))
-        return scorer.score(TaylorSeerConfig(order=1, damping=g, **sched), search_idx)["psnr"]
+        damped = baseline_config("taylorseer-damped", explicit_schedule(config, full, num_steps), damping=g)
+        return scorer.score(damped, search_idx)["psnr"]
 
     if refine:
         out["searched"], value = refine_schedule(
@@ -143,7 +143,7 @@ def search_full_steps(
     held_out = {}
     for name in out:
         schedule = explicit_schedule(config, out[name], num_steps)
-        damped = TaylorSeerConfig(order=1, damping=fits.damping(schedule), **schedule_kwargs(schedule))
+        damped = baseline_config("taylorseer-damped", schedule, damping=fits.damping(schedule))
         held_out[name] = scorer.baseline(damped)["psnr"]
     log("schedules: held-out damped TaylorSeer O1 " + ", ".join(f"{n} {v:.2f}" for n, v in held_out.items()) + " dB")
     return {**out, "held_out_psnr": held_out}

@@ -6,14 +6,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
 from ..adapters import get_adapter
 from ..calibrate import damping_cycles, fit_damping, fit_linear
-from ..config import FORAConfig, LinearForecastConfig, TaylorSeerConfig
 from ..correction import first_cycles
+from ..evaluate.methods import baseline_config
 from ..predictor import LESAPredictor, PredictorConfig
 from ..schedule import StepSchedule
 from .config import TrainConfig
@@ -44,13 +43,6 @@ class Fits:
         if key not in self._linear:
             self._linear[key] = fit_linear(self.data.rec, schedule, history=history, indices=self.data.train_idx)
         return self._linear[key]
-
-
-def schedule_kwargs(schedule: StepSchedule) -> dict[str, Any]:
-    """A CacheConfig's schedule fields for `schedule`, FLOPs not counted (scoring runs)."""
-    return dict(
-        interval=schedule.interval, warmup=schedule.warmup, explicit_full_steps=schedule.explicit, count_flops=False
-    )
 
 
 def start_correction(config: TrainConfig, schedule: StepSchedule, num_steps: int) -> dict[int, float]:
@@ -86,18 +78,14 @@ def choose_start(
     correction = start_correction(config, schedule, scorer.data.num_steps)
     kind = config.gain_init
     if kind == "best":
-        sched = schedule_kwargs(schedule)
-        scores = {
-            "reuse": scorer.baseline(FORAConfig(**sched, correction=correction))["psnr"],
-            "damped": scorer.baseline(
-                TaylorSeerConfig(order=1, damping=fits.damping(schedule), **sched, correction=correction)
-            )["psnr"],
+        candidates = {
+            "reuse": baseline_config("fora", schedule, correction),
+            "damped": baseline_config("taylorseer-damped", schedule, correction, damping=fits.damping(schedule)),
         }
         if config.step_filters:
             weights = fits.linear_weights(schedule, history)
-            scores["linear"] = scorer.baseline(LinearForecastConfig(weights=weights, **sched, correction=correction))[
-                "psnr"
-            ]
+            candidates["linear"] = baseline_config("linear", schedule, correction, weights=weights)
+        scores = {name: scorer.baseline(candidate)["psnr"] for name, candidate in candidates.items()}
         kind = max(scores, key=scores.get)
         log(f"start: {kind} (held-out PSNR " + ", ".join(f"{k} {v:.2f}" for k, v in scores.items()) + " dB)")
     damping = fits.damping(schedule) if kind in ("damped", "linear") else 0.0
