@@ -9,22 +9,12 @@ docs/real-scale.md ("Measured: lesa record / train at FLUX.1-dev widths").
 import sys
 
 import torch
+from compile_speed import FLUX_DEV_SCHEDULER, FLUX_DEV_WIDTHS  # the widths and scheduler config, defined once
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5Tokenizer
 
 torch.manual_seed(0)
-transformer = FluxTransformer2DModel(
-    patch_size=1,
-    in_channels=64,
-    num_layers=1,
-    num_single_layers=1,
-    attention_head_dim=128,
-    num_attention_heads=24,
-    joint_attention_dim=4096,
-    pooled_projection_dim=768,
-    guidance_embeds=True,
-    axes_dims_rope=(16, 56, 56),
-)
+transformer = FluxTransformer2DModel(**FLUX_DEV_WIDTHS, num_layers=1, num_single_layers=1)
 clip = CLIPTextModel(
     CLIPTextConfig(
         bos_token_id=0,
@@ -56,9 +46,7 @@ vae = AutoencoderKL(
     shift_factor=0.1159,
     scaling_factor=0.3611,
 )
-sched = FlowMatchEulerDiscreteScheduler(
-    shift=3.0, use_dynamic_shifting=True, base_image_seq_len=256, max_image_seq_len=4096, base_shift=0.5, max_shift=1.15
-)
+sched = FlowMatchEulerDiscreteScheduler(**FLUX_DEV_SCHEDULER)
 pipe = FluxPipeline(
     scheduler=sched,
     vae=vae,
