@@ -130,7 +130,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=32, help="height and width in pixels")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--interval", type=int, default=7, help="lesa's interval N (embedded: a shipped predictor's)")
-    parser.add_argument("--warmup", type=int, default=1, help="flux-width: the untrained predictor's warm-up E")
+    parser.add_argument("--warmup", type=int, default=None, help="warm-up E (default: flux-width 1, embedded 3)")
     parser.add_argument("--double", type=int, default=1, help="flux-width: double-stream blocks")
     parser.add_argument("--single", type=int, default=1, help="flux-width: single-stream blocks")
     parser.add_argument("--text-tokens", type=int, default=32, help="flux-width: prompt embedding length")
@@ -139,6 +139,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--no-baseline", action="store_true", help="skip the uncached (lesa off) rows")
     args = parser.parse_args()
+    if args.warmup is None:
+        args.warmup = 3 if args.model == "embedded" else 1
     if args.threads:
         torch.set_num_threads(args.threads)
     # dynamo keeps compiled code per code object, shared by the variants' copies of one model: room for all of them
@@ -147,10 +149,17 @@ def main() -> None:
 
     kwargs = dict(num_inference_steps=args.steps, height=args.size, width=args.size, output_type="latent")
     if args.model == "embedded":
-        predictor = str(shipped_predictor(args.interval))
-        make_pipe, make_lesa = (lambda: load_pipeline("embedded")), (lambda pipe: lesa.LESAConfig(predictor=predictor))
+        predictor = str(shipped_predictor())
+
+        def make_lesa(pipe) -> lesa.LESAConfig:
+            return lesa.LESAConfig(predictor=predictor, interval=args.interval, warmup=args.warmup)
+
+        make_pipe = lambda: load_pipeline("embedded")  # noqa: E731
         kwargs["prompt"] = "a red circle"
-        described = f"embedded model, lesa N={args.interval} shipped predictor, true CFG: 2 transformer calls a step"
+        described = (
+            f"embedded model, the shipped schedule-free predictor at N={args.interval}, true CFG: 2 transformer "
+            "calls a step"
+        )
     else:
         flux = FluxWidth(args.double, args.single, args.text_tokens)
         make_pipe = flux.pipeline

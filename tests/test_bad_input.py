@@ -51,28 +51,50 @@ def embedded_latents(pipe, steps: int = 50) -> torch.Tensor:
     return pipe("a red circle on a white background", **kw).images
 
 
+def format_1_predictor(pipe) -> LESAPredictor:
+    """A format-1 predictor of the embedded model's 50-step schedule (untrained: reuse), which refuses other step
+    counts."""
+    from lesa.adapters import pipeline_sigmas
+
+    config = PredictorConfig(
+        model_class="FluxTransformer2DModel",
+        tap="t",
+        num_steps=50,
+        sigmas=pipeline_sigmas(pipe, 50).tolist(),
+        feature_dim=128,
+        contexts=["cond", "uncond"],
+        kan_hidden=[8, 8],
+        windows=[3, 3, 3],
+        history=3,
+        memory="full",
+    )
+    return LESAPredictor(config)
+
+
 @pytest.fixture(scope="module")
 def fresh_result():
-    """Latents of the shipped N = 7 predictor on a freshly loaded embedded pipeline, and its summary."""
+    """Latents of a 50-step format-1 predictor on a freshly loaded embedded pipeline, and its summary."""
     pipe = load_embedded()
     pipe.set_progress_bar_config(disable=True)
-    lesa.enable(pipe, lesa.LESAConfig(predictor=PREDICTORS_DIR / "n7"))
-    return embedded_latents(pipe), lesa.summary(pipe)
+    torch.manual_seed(0)
+    predictor = format_1_predictor(pipe)
+    lesa.enable(pipe, lesa.LESAConfig(predictor=predictor))
+    return embedded_latents(pipe), lesa.summary(pipe), predictor
 
 
 @pytest.fixture
-def embedded():
+def embedded(fresh_result):
     pipe = load_embedded()
     pipe.set_progress_bar_config(disable=True)
-    lesa.enable(pipe, lesa.LESAConfig(predictor=PREDICTORS_DIR / "n7"))
+    lesa.enable(pipe, lesa.LESAConfig(predictor=fresh_result[2]))
     return pipe
 
 
 @needs_embedded
 def test_a_refused_step_count_leaves_the_pipeline_as_it_was(embedded, fresh_result):
-    """A 50-step predictor refuses a 28-step call; the next valid call then runs as on a fresh pipeline, and the
-    refused call left the last generation's counts alone."""
-    latents, info = fresh_result
+    """A 50-step format-1 predictor refuses a 28-step call; the next valid call then runs as on a fresh pipeline,
+    and the refused call left the last generation's counts alone."""
+    latents, info, _ = fresh_result
     with pytest.raises(ValueError, match=r"51 values \(50 steps\).*29 values"):
         embedded_latents(embedded, steps=28)
     assert torch.equal(embedded_latents(embedded), latents)
@@ -87,7 +109,7 @@ def test_a_refused_step_count_leaves_the_pipeline_as_it_was(embedded, fresh_resu
 def test_a_raise_inside_a_generation_starts_the_next_call_afresh(embedded, fresh_result):
     """An error in the unconditional pass of step 0 (after the conditional one ran) must not leave the conditional
     context one step into a generation that never finished."""
-    latents, info = fresh_result
+    latents, info, _ = fresh_result
     runtime = lesa.get_runtime(embedded.transformer)
 
     def fails(event) -> None:
@@ -205,11 +227,15 @@ def required_fields() -> list[str]:
 
 def test_predictor_config_requires_every_field_that_changes_the_forecast(tmp_path, capsys):
     """A config.json without e.g. `interval` would silently load an N = 10 predictor as N = 7."""
-    for shipped in sorted(p for p in PREDICTORS_DIR.iterdir() if (p / "config.json").is_file()):
-        data = json.loads((shipped / "config.json").read_text())
-        assert not [name for name in required_fields() if name not in data], shipped  # the shipped ones have all
-        PredictorConfig.from_dict(data, source=str(shipped / "config.json"))
-    data = json.loads((PREDICTORS_DIR / "n10" / "config.json").read_text())
+    from conftest import tiny_predictor
+
+    from lesa.predictor import ScheduleFreeConfig
+
+    shipped = PREDICTORS_DIR / "schedule-free" / "config.json"
+    ScheduleFreeConfig.from_dict(json.loads(shipped.read_text()), source=str(shipped))
+    n10 = tmp_path / "n10"
+    tiny_predictor(interval=10, feature_dim=32).save_pretrained(n10)
+    data = json.loads((n10 / "config.json").read_text())
     for name in ["interval", "warmup", "gain_bias", "memory", "windows", "correction", "dtype", *required_fields()]:
         partial = {k: v for k, v in data.items() if k != name}
         with pytest.raises(ValueError, match=rf"n10/config.json: missing required field\(s\) \['{name}'\]"):
@@ -218,10 +244,12 @@ def test_predictor_config_requires_every_field_that_changes_the_forecast(tmp_pat
         PredictorConfig.from_dict({**data, "interval": 0}, source="n10/config.json")
     # through the CLI: one line naming the file and the field, no image written
     broken = tmp_path / "pred"
-    shutil.copytree(PREDICTORS_DIR / "n10", broken)
+    shutil.copytree(n10, broken)
     (broken / "config.json").write_text(json.dumps({k: v for k, v in data.items() if k != "gain_bias"}))
     out = tmp_path / "x.png"
-    code, err = run_cli(capsys, "generate", "--prompt", "x", "--predictor", broken, "--out", out)
+    code, err = run_cli(
+        capsys, "generate", "--model", "tiny-random-flux", "--prompt", "x", "--predictor", broken, "--out", out
+    )
     assert_one_line_error(code, err, "generate", str(broken / "config.json"), "gain_bias")
     assert not out.exists()
     (broken / "config.json").write_text(json.dumps({**data, "windows": "abc"}))

@@ -216,6 +216,43 @@ def test_readme_command_uses_the_shipped_model_and_predictor(tmp_path):
     assert checks["background"] and checks["colour"] and checks["position"]
 
 
+@pytest.mark.skipif(
+    not (SHIPPED_DIR / "transformer").is_dir(), reason="the embedded model's weights are not shipped in this checkout"
+)
+@pytest.mark.parametrize(
+    ("options", "steps", "full"),
+    [
+        (["--steps", "28"], 28, [0, 1, 2, 3]),  # FLUX's diffusers default, at the predictor's default speed-up
+        (["--steps", "20", "--speedup", "4"], 20, [0, 1, 2]),
+        (["--height", "48", "--width", "48"], 50, [0, 1, 2, 3]),
+        (["--steps", "30", "--full-steps", "6"], 30, [0, 1, 2, 3]),
+    ],
+)
+def test_generate_any_steps_size_and_budget_with_the_shipped_predictor(tmp_path, capsys, options, steps, full):
+    from lesa.pipelines import shipped_predictor
+    from lesa.predictor import load_predictor
+
+    code, out, err = run_cli(
+        capsys,
+        "generate",
+        "--prompt",
+        "a small blue square on the left on a white background",
+        "--out",
+        tmp_path / "x.png",
+        "--json",
+        *options,
+    )
+    assert code == 0, err
+    result = json.loads(out.strip().splitlines()[-1])
+    config = load_predictor(shipped_predictor()).config
+    budget = (
+        6 if "--full-steps" in options else round(steps / (4 if "--speedup" in options else config.default_speedup))
+    )
+    assert (result["steps"], result["full_steps"]) == (steps, budget)
+    assert len(result["full_step_indices"]) == budget and result["full_step_indices"][: len(full)] == full
+    assert Image.open(tmp_path / "x.png").size == ((48, 48) if "--height" in options else (32, 32))
+
+
 def test_train_settings_come_from_the_config_and_its_docs(tmp_path, capsys):
     """`lesa train --set` parses every field by its type, --config reads what --print-config prints (a recipe's
     value is overridden only by what was given), and docs/train-settings.md lists every setting as the code has it."""

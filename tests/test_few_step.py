@@ -54,4 +54,4 @@ def test_generate_notes_when_the_schedule_caches_nothing(tmp_path, capsys):
     code = main([*argv, "--height", "16", "--width", "16", "--out", str(tmp_path / "x.png")])
     captured = capsys.readouterr()
     assert code == 0, captured.err
-    assert "make all 4 steps full: nothing is cached" in captured.err and "--warmup 1 --interval 2" in captured.err
+    assert "all 4 steps ran the trunk: nothing was cached" in captured.err and "--warmup 1 --interval 2" in captured.err

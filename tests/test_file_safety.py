@@ -178,7 +178,7 @@ def test_damaged_shard_content_is_named(pipe, recording, tmp_path):
 # -- 4. half-written or clobbered outputs -----------------------------------------------------------------------------
 def test_an_interrupted_save_is_not_taken_for_a_whole_one(tmp_path, monkeypatch):
     """A save that dies after the weights, before config.json: the old config no longer loads with the new weights."""
-    import lesa.predictor.model as model_module
+    import lesa.predictor.artefact as model_module
 
     old, new = tiny_predictor(seed=1), tiny_predictor(seed=2)
     old.save_pretrained(tmp_path)

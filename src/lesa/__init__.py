@@ -7,13 +7,15 @@ the rest work as plain attributes.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # what the lazy attributes resolve to, for type checkers and IDEs
     from .adapters import ADAPTERS, ModelAdapter, get_adapter
     from .config import CacheConfig, FORAConfig, LESAConfig, NoCacheConfig, TaylorSeerConfig
-    from .predictor import LESAPredictor, PredictorConfig
+    from .predictor import LESAPredictor, PredictorConfig, ScheduleFreePredictor, load_predictor
     from .runtime import (  # noqa: F401 (public, outside __all__)
         CacheRuntime,
         apply_lesa_cache,
@@ -29,7 +31,7 @@ __version__ = "0.1.0"
 _LAZY = {
     **dict.fromkeys(("ADAPTERS", "ModelAdapter", "get_adapter"), "adapters"),
     **dict.fromkeys(("CacheConfig", "FORAConfig", "LESAConfig", "NoCacheConfig", "TaylorSeerConfig"), "config"),
-    **dict.fromkeys(("LESAPredictor", "PredictorConfig"), "predictor"),
+    **dict.fromkeys(("LESAPredictor", "PredictorConfig", "ScheduleFreePredictor", "load_predictor"), "predictor"),
     **dict.fromkeys(
         ("CacheRuntime", "apply_lesa_cache", "check_no_other_cache", "get_runtime", "remove_lesa_cache"), "runtime"
     ),
@@ -93,6 +95,32 @@ def disable(pipe: Any) -> None:
     remove_lesa_cache(_transformer(pipe))
 
 
+@contextlib.contextmanager
+def budget(pipe: Any, speedup: float | None = None, full_steps: int | None = None) -> Iterator[None]:
+    """Within: every generation of `pipe` runs at this budget (a speed-up or a count of full steps) instead of the
+    enabled config's, e.g. per request of a server; the placement is the config's (a schedule-free predictor's own).
+
+    Example:
+        >>> import lesa
+        >>> from lesa.testing import tiny_flux_pipeline
+        >>> pipe = tiny_flux_pipeline()
+        >>> _ = lesa.enable(pipe, lesa.FORAConfig(speedup=4))
+        >>> with lesa.budget(pipe, full_steps=5):
+        ...     _ = pipe("a red circle", num_inference_steps=20, height=16, width=16, output_type="latent")
+        >>> lesa.summary(pipe)["full_steps"]
+        5
+    """
+    from .runtime import get_runtime
+
+    runtime = get_runtime(_transformer(pipe))
+    before = runtime.budget
+    runtime.set_budget(speedup, full_steps)
+    try:
+        yield
+    finally:
+        runtime.budget = before
+
+
 def summary(pipe: Any) -> dict[str, Any]:
     """Counts of the last generation: steps, full steps, trunk executions, counted FLOPs per call and speed-up."""
     from .runtime import get_runtime
@@ -112,10 +140,13 @@ __all__ = [
     "PredictorConfig",
     "StepSchedule",
     "TaylorSeerConfig",
+    "ScheduleFreePredictor",
     "apply_lesa_cache",
+    "budget",
     "disable",
     "enable",
     "get_adapter",
+    "load_predictor",
     "remove_lesa_cache",
     "summary",
 ]

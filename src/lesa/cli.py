@@ -86,13 +86,20 @@ def _parser() -> argparse.ArgumentParser:
         "docs/train-settings.md); the options below are the ones most runs change.",
     )
     _pipeline_args(tr, "pipeline for the closed loop and validation (default: the recorded one)", offload=False)
-    tr.add_argument("--data", required=True, help="a `lesa record` output directory")
+    tr.add_argument(
+        "--data",
+        required=True,
+        action="append",
+        help="a `lesa record` output directory (repeatable with --recipe schedule-free: one per step count)",
+    )
     tr.add_argument("--out", required=True, help="predictor directory to write (resumed from its checkpoints)")
     tr.add_argument(
         "--val-data",
         default=None,
+        action="append",
         help="a recording of other prompts (same settings) to validate on instead of a split of --data: checkpoints, "
-        "start, placement and correction are chosen on it (a few hundred trajectories give a reliable choice)",
+        "start, placement and correction are chosen on it (a few hundred trajectories give a reliable choice); "
+        "one per --data, in the same order",
     )
     tr.add_argument(
         "--recipe",
@@ -132,7 +139,16 @@ def _parser() -> argparse.ArgumentParser:
     )
     gen.add_argument("--cache", choices=("none", "fora", "taylorseer", "lesa"), default="lesa")
     gen.add_argument("--predictor", default=None, help="LESA predictor directory")
-    gen.add_argument("--interval", type=int, default=None, help="N (default: the predictor's, else 7)")
+    gen.add_argument(
+        "--speedup",
+        type=_finite,
+        default=None,
+        help="budget: steps per full step, for any --steps (default: a schedule-free predictor's own, 5)",
+    )
+    gen.add_argument(
+        "--full-steps", type=int, default=None, help="budget as a count of full steps (not with --speedup)"
+    )
+    gen.add_argument("--interval", type=int, default=None, help="N: a full step every N steps instead of a budget")
     gen.add_argument("--warmup", type=int, default=None, help="E (default: the predictor's, else 3)")
     gen.add_argument("--order", type=int, default=1, help="TaylorSeer order")
     gen.add_argument("--damping", type=_finite, default=1.0, help="TaylorSeer damping of the difference terms")
@@ -160,6 +176,12 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--methods", default=",".join(FAMILIES), help=f"comma-separated subset of: {', '.join(FAMILIES)}")
     b.add_argument("--steps", type=int, default=50)
     b.add_argument("--intervals", default="7,10", help="budgets (N) when no predictor sets them")
+    b.add_argument(
+        "--speedups",
+        default=None,
+        help="budgets by speed-up (steps per full step), e.g. 2.5,4,5,6.25, for any --steps: schedule-free "
+        "predictors on their own placement, every fixed method on it and on the uniform one",
+    )
     b.add_argument("--warmup", type=int, default=3, help="E of the budgets when no predictor sets them")
     b.add_argument(
         "--fit-data",
@@ -268,7 +290,7 @@ def _train(args) -> int:
     from .pipelines import load_pipeline
     from .predictor import check_predictor_dir
     from .recording import Recording
-    from .training import Trainer, check_validation_recording
+    from .training import ScheduleFreeTrainer, Trainer, check_validation_recording
 
     config = _train_config(args)  # bad options are refused before any data is read
     if args.print_config:
@@ -277,11 +299,20 @@ def _train(args) -> int:
         print(settings_json(config), end="")
         return 0
     check_predictor_dir(args.out)  # the predictor is saved there at the end: refused now, not hours later
-    rec = Recording(args.data)
-    validation = None if args.val_data is None else Recording(args.val_data)
-    if validation is not None:
-        # refused before the pipeline loads; the Trainer checks again and gives the notices (once, on rank 0)
-        check_validation_recording(rec, validation, notice=lambda _: None)
+    recs = [Recording(d) for d in args.data]
+    validations = None if args.val_data is None else [Recording(d) for d in args.val_data]
+    if config.format == 1 and (len(recs) > 1 or len(validations or []) > 1):
+        raise ValueError(
+            "several --data / --val-data recordings train one schedule-free predictor: add --recipe schedule-free "
+            "(or --set format=2)"
+        )
+    if validations is not None and len(validations) != len(recs):
+        raise ValueError(f"{len(validations)} --val-data for {len(recs)} --data: give one per --data, in order")
+    for rec, validation in zip(recs, validations or [None] * len(recs), strict=True):
+        if validation is not None:
+            # refused before the pipeline loads; the Trainer checks again and gives the notices (once, on rank 0)
+            check_validation_recording(rec, validation, notice=lambda _: None)
+    rec, validation = recs[0], None if validations is None else validations[0]
     model = args.model or rec.settings["model"]
     dist = init_distributed(args.device)  # under torchrun: join the group; alone: nothing happens
     # on an accelerator, a configuration whose estimated peak exceeds its memory is refused now, with settings that fit
@@ -290,7 +321,10 @@ def _train(args) -> int:
     if args.restart and dist.is_main:  # only rank 0 reads checkpoints
         shutil.rmtree(Path(args.out) / "checkpoints", ignore_errors=True)
         (Path(args.out) / "schedule.json").unlink(missing_ok=True)
-    Trainer(rec, pipe, args.out, config, validation=validation).run()
+    if config.format == 2:
+        ScheduleFreeTrainer(recs, pipe, args.out, config, validations=validations).run()
+    else:
+        Trainer(rec, pipe, args.out, config, validation=validation).run()
     return 0
 
 
@@ -329,13 +363,19 @@ def _generate(args) -> int:
     sizes = [("--height", args.height), ("--width", args.width), ("--num-frames", args.num_frames)]
     check_numbers([("--steps", args.steps), ("--fps", args.fps), ("--interval", args.interval), *sizes], 1)
     check_numbers([("--warmup", args.warmup), ("--order", args.order)], 0)
-    schedule = {k: v for k, v in (("interval", args.interval), ("warmup", args.warmup)) if v is not None}
+    check_numbers([("--speedup", args.speedup), ("--full-steps", args.full_steps)], 1)
+    if args.speedup is not None and args.full_steps is not None:
+        raise ValueError("give --speedup or --full-steps, not both")
+    if args.interval is not None and (args.speedup is not None or args.full_steps is not None):
+        raise ValueError("--interval is a fixed schedule; a budget (--speedup / --full-steps) replaces it: give one")
+    options = (("interval", args.interval), ("warmup", args.warmup), ("speedup", args.speedup))
+    schedule = {k: v for k, v in (*options, ("full_steps", args.full_steps)) if v is not None}
     if args.cache == "lesa":
         predictor = args.predictor
         if predictor is None:
             if model_label(args.model) != EMBEDDED_MODEL:
                 raise ValueError("--cache lesa needs --predictor DIR (predictors ship only for the embedded model)")
-            predictor = shipped_predictor(args.interval or 7)
+            predictor = shipped_predictor()
         config = LESAConfig(predictor=predictor, **schedule).resolve()  # a bad predictor is refused before loading
     elif args.cache == "fora":
         config = FORAConfig(**schedule)
@@ -351,14 +391,6 @@ def _generate(args) -> int:
         print(
             f"note: using {label}, a tiny {type(pipe).__name__} with random weights built locally; its output is "
             "noise (the workflow runs, the picture means nothing)",
-            file=sys.stderr,
-        )
-    schedule = config.schedule()
-    if args.cache != "none" and not schedule.cached_steps(args.steps):
-        print(
-            f"note: warm-up {schedule.warmup} and interval {schedule.interval} make all {args.steps} steps full: "
-            "nothing is cached (speed-up 1.00x). For few-step (distilled) models use e.g. --warmup 1 --interval 2 "
-            "(docs/models.md, 'Few-step models')",
             file=sys.stderr,
         )
     enable(pipe, config)
@@ -383,11 +415,18 @@ def _generate(args) -> int:
         out.parent.mkdir(parents=True, exist_ok=True)
         result.save(out)
     info = summary(pipe)
+    if args.cache != "none" and info["full_steps"] == info["steps"]:
+        print(
+            f"note: all {info['steps']} steps ran the trunk: nothing was cached (speed-up 1.00x). For few-step "
+            "(distilled) models use e.g. --warmup 1 --interval 2 (docs/models.md, 'Few-step models')",
+            file=sys.stderr,
+        )
     result = {
         "model": model_label(args.model),
         "cache": args.cache,
         "steps": info["steps"],
         "full_steps": info["full_steps"],
+        "full_step_indices": info["full_step_indices"],
         "trunk_speedup": info["trunk_speedup"],
         "flops_speedup": info["flops_speedup"],
         "head_share": info["head_share"],
@@ -398,7 +437,8 @@ def _generate(args) -> int:
         print(json.dumps(result))
     else:
         print(
-            f"{args.cache}: {info['full_steps']} of {info['steps']} steps ran the trunk; FLOPs speed-up "
+            f"{args.cache}: {info['full_steps']} of {info['steps']} steps ran the trunk ({info['full_step_indices']}); "
+            "FLOPs speed-up "
             f"{info['flops_speedup']:.2f}x (counted; cached step costs {info['head_share'] or 0:.1%} of a full "
             f"one); {seconds:.2f} s; wrote {out}"
         )
@@ -416,6 +456,7 @@ def _bench(args) -> int:
         methods=[m.strip() for m in args.methods.split(",") if m.strip()],
         steps=args.steps,
         intervals=list(_ints(args.intervals, "intervals")),
+        speedups=list(_floats(args.speedups, "speedups")) if args.speedups else [],
         warmup=args.warmup,
         fit_data=args.fit_data,
         fit_prompts=args.fit_prompts,

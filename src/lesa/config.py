@@ -6,11 +6,21 @@ import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import torch
+
 from .correction import FullStepCorrector
-from .policies import LESAPolicy, LinearForecastPolicy, Policy, ReusePolicy, TaylorSeerPolicy, TeaCachePolicy
+from .policies import (
+    LESAPolicy,
+    LinearForecastPolicy,
+    Policy,
+    ReusePolicy,
+    ScheduleFreePolicy,
+    TaylorSeerPolicy,
+    TeaCachePolicy,
+)
 from .policies.teacache import FLUX_COEFFICIENTS
-from .predictor import LESAPredictor
-from .schedule import StepSchedule
+from .predictor import PredictorArtefact, ScheduleFreePredictor, load_predictor
+from .schedule import StepSchedule, full_step_count, sigma_budget, uniform_budget
 
 
 @dataclass
@@ -36,12 +46,39 @@ class CacheConfig:
     # full-step correction (`lesa.correction`): strength per full step (e.g. `correction.first_cycles(...)`); a
     # full step absent from it is not corrected; empty: off
     correction: dict[int, float] = field(default_factory=dict)
+    # a budget instead of the interval rule, for any step count: steps per full step (rounded to a count of full
+    # steps) or the count itself; placed evenly after the warm-up (a schedule-free LESA predictor: its own placement)
+    speedup: float | None = None
+    full_steps: int | None = None
 
     name = "none"
     adaptive = False  # True: the policy decides at the first trunk block whether a step is full
 
+    def __post_init__(self) -> None:
+        if self.speedup is not None and self.full_steps is not None:
+            raise ValueError(f"{type(self).__name__}: give speedup or full_steps, not both")
+        if self.speedup is not None and not self.speedup >= 1:
+            raise ValueError(f"{type(self).__name__}: speedup must be at least 1, got {self.speedup}")
+        if self.full_steps is not None and self.full_steps < 1:
+            raise ValueError(f"{type(self).__name__}: full_steps must be at least 1, got {self.full_steps}")
+
+    @property
+    def budgeted(self) -> bool:
+        """Whether the full steps follow a budget (`speedup` / `full_steps`) rather than the interval rule."""
+        return self.speedup is not None or self.full_steps is not None
+
     def schedule(self) -> StepSchedule:
+        """The fixed schedule of the interval rule (with a budget, `plan` places each generation's full steps)."""
         return StepSchedule(self.interval, self.warmup, tuple(self.forced_full_steps), tuple(self.explicit_full_steps))
+
+    def plan(self, sigmas: list[float] | None, num_steps: int | None) -> StepSchedule:
+        """The schedule of one generation of `num_steps` steps on `sigmas` (None: unknown); the runtime asks at the
+        start of every generation, so each request gets its own."""
+        if not self.budgeted:
+            return self.schedule()
+        if num_steps is None:
+            raise ValueError(f"{type(self).__name__}: a budget (speedup / full_steps) needs the pipeline's schedule")
+        return uniform_budget(num_steps, full_step_count(num_steps, self.speedup, self.full_steps), self.warmup)
 
     def resolve(self) -> CacheConfig:
         """The configuration `enable` runs: what its fields name loaded (a predictor) and the defaults that follow
@@ -158,24 +195,24 @@ class TeaCacheConfig(CacheConfig):
 
 @dataclass
 class LESAConfig(CacheConfig):
-    """LESA with a trained predictor: an instance, or what `LESAPredictor.from_pretrained` loads (a directory, or a
-    Hugging Face Hub repo id such as "user/lesa-flux-n7"; for a revision or token, pass
-    `LESAPredictor.from_pretrained(repo_id, revision=..., token=...)` instead). The schedule (interval, warmup and a
-    searched schedule's full steps) defaults to the predictor's. Inert: the predictor is loaded by `enable` (or
-    `resolve()`), not when the config is made.
+    """LESA with a trained predictor: an instance, or what `load_predictor` loads (a directory, or a Hugging Face Hub
+    repo id such as "user/lesa-flux"; for a revision or token, pass `load_predictor(repo_id, revision=...,
+    token=...)` instead). Inert: the predictor is loaded by `enable` (or `resolve()`), not when the config is made.
 
-    Example (the predictor shipped for the embedded model at 10 of 50 steps):
+    A schedule-free predictor (format 2) serves any step count and resolution: its full steps follow a budget,
+    `speedup` (steps per full step) or `full_steps`, default the predictor's `default_speedup`, placed by the
+    predictor's own rule; `interval` / `warmup` run the interval rule instead. A format-1 predictor serves the one
+    schedule it was trained for (interval, warm-up and a searched schedule's full steps default to its own).
+
+    Example (the predictor shipped for the embedded model, at a speed-up of 4 on 28 steps):
         >>> import lesa
         >>> from lesa.pipelines import shipped_predictor
-        >>> config = lesa.LESAConfig(predictor=shipped_predictor(7))
-        >>> config.interval is None  # nothing read yet
-        True
-        >>> resolved = config.resolve()
-        >>> resolved.interval, len(resolved.schedule().full_steps(50))
-        (7, 10)
+        >>> config = lesa.LESAConfig(predictor=shipped_predictor(), speedup=4)
+        >>> config.resolve().plan([1 - i / 28 for i in range(29)], 28).full_steps(28)
+        [0, 1, 2, 3, 8, 15, 23]
     """
 
-    predictor: LESAPredictor | str | Path | None = None
+    predictor: PredictorArtefact | str | Path | None = None
     interval: int | None = None
     warmup: int | None = None
     differentiable: bool = False
@@ -191,6 +228,7 @@ class LESAConfig(CacheConfig):
     name = "lesa"
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.predictor is None:
             raise ValueError("LESAConfig needs a predictor: LESAConfig(predictor=DIR, HUB_REPO_ID or LESAPredictor)")
         if self.residual:
@@ -199,13 +237,24 @@ class LESAConfig(CacheConfig):
                 "the fixed forecasters (FORA, TaylorSeer, linear)"
             )
 
+    @property
+    def schedule_free(self) -> bool:
+        return isinstance(self.predictor, ScheduleFreePredictor)
+
     def resolve(self) -> LESAConfig:
-        """The predictor loaded (a directory or a Hub repo id) and the schedule defaulted to the predictor's (a
-        searched schedule's full steps too); a warning when the given interval / warm-up differ from its own."""
-        predictor = self.predictor
-        if not isinstance(predictor, LESAPredictor):
-            predictor = LESAPredictor.from_pretrained(predictor)
+        """The predictor loaded (a directory or a Hub repo id) and the schedule's defaults filled in from it."""
+        predictor = load_predictor(self.predictor)
         pc = predictor.config
+        if isinstance(predictor, ScheduleFreePredictor):
+            warmup = pc.warmup if self.warmup is None else self.warmup
+            speedup = self.speedup
+            fixed = self.interval is not None or self.explicit_full_steps
+            if not fixed and speedup is None and self.full_steps is None:
+                speedup = pc.default_speedup
+            interval = self.interval if self.interval is not None else max(1, round(speedup or pc.default_speedup))
+            return replace(self, predictor=predictor, interval=interval, warmup=warmup, speedup=speedup)
+        if self.budgeted:
+            raise ValueError(_format_1_budget(pc))
         interval = pc.interval if self.interval is None else self.interval
         warmup = pc.warmup if self.warmup is None else self.warmup
         forced = self.forced_full_steps or tuple(pc.forced_full_steps)
@@ -227,10 +276,21 @@ class LESAConfig(CacheConfig):
             explicit_full_steps=tuple(explicit),
         )
 
+    def plan(self, sigmas: list[float] | None, num_steps: int | None) -> StepSchedule:
+        """With a schedule-free predictor and a budget: the predictor's own placement on this generation's sigmas."""
+        if not self.budgeted:
+            return super().plan(sigmas, num_steps)
+        if not self.schedule_free:  # e.g. `lesa.budget` around a format-1 predictor's generation
+            raise ValueError(_format_1_budget(self.predictor.config))
+        if sigmas is None:
+            raise ValueError("a schedule-free predictor with a budget needs the pipeline's sigma schedule")
+        budget = full_step_count(len(sigmas) - 1, self.speedup, self.full_steps)
+        return sigma_budget(sigmas, budget, self.warmup, self.predictor.config.placement_power)
+
     def make_policy(self, context: str) -> Policy:
-        return LESAPolicy(
-            self.predictor, self.predictor.resolve_context(context), self.differentiable, self.history_grad
-        )
+        predictor = self.predictor
+        policy = ScheduleFreePolicy if isinstance(predictor, ScheduleFreePredictor) else LESAPolicy
+        return policy(predictor, predictor.resolve_context(context), self.differentiable, self.history_grad)
 
     def make_corrector(
         self, context: str, sigmas: list[float] | None, full_steps: list[int]
@@ -238,7 +298,23 @@ class LESAConfig(CacheConfig):
         """The predictor's learned correction (a `correction` given here replaces it)."""
         if self.correction or not (self.learned_correction and self.predictor.config.correction):
             return super().make_corrector(context, sigmas, full_steps)
-        strength = self.predictor.correction
+        predictor = self.predictor
+        if isinstance(predictor, ScheduleFreePredictor):
+            if sigmas is None:
+                return None
+            # each full step with the length in sigma of the cycle it closes (from the full step before it)
+            gaps = {b: sigmas[a] - sigmas[b] for a, b in zip(full_steps, full_steps[1:], strict=False)}
+            if self.differentiable:
+                return FullStepCorrector(
+                    lambda step: predictor.correction_strength(sigmas[step], gaps.get(step, 0.0)),
+                    sigmas,
+                    full_steps,
+                    keep_graph=True,
+                )
+            with torch.no_grad():
+                values = {b: float(predictor.correction_strength(sigmas[b], g)) for b, g in gaps.items()}
+            return FullStepCorrector(lambda step: values.get(step, 0.0), sigmas, full_steps)
+        strength = predictor.correction
         if self.differentiable:  # the learned strengths get gradients through the correction
             return FullStepCorrector(lambda step: strength[step], sigmas, full_steps, keep_graph=True)
         values = strength.detach().tolist()
@@ -248,3 +324,11 @@ class LESAConfig(CacheConfig):
         trained = self.predictor.config.model_class
         if trained != model_class:
             raise ValueError(f"predictor was trained for {trained}, but the transformer is a {model_class}")
+
+
+def _format_1_budget(pc) -> str:
+    return (
+        f"a speed-up budget needs a schedule-free predictor (format 2); this one is format 1, trained for "
+        f"{pc.num_steps} steps at interval {pc.interval}, warm-up {pc.warmup}: run it with its own schedule, "
+        "or train a schedule-free one (lesa train --recipe schedule-free)"
+    )

@@ -23,23 +23,27 @@ EMBEDDED_MODEL = "embedded"
 # the other tiny random pipelines (tiny-random-qwenimage, ...) are named in lesa.testing.TINY_MODELS
 
 
-def shipped_predictor(interval: int) -> Path:
-    """The LESA predictor shipped for the embedded model at interval N (50 steps, warm-up 3).
+SCHEDULE_FREE = "schedule-free"
+
+
+def shipped_predictor(interval: int | None = None) -> Path:
+    """The LESA predictor shipped for the embedded model: the schedule-free one (any step count and budget), or with
+    `interval` the format-1 predictor of interval N (50 steps, warm-up 3), where one ships.
 
     Example:
         >>> import lesa
-        >>> shipped_predictor(7).name, (shipped_predictor(7) / "config.json").is_file()
-        ('n7', True)
-        >>> config = lesa.LESAConfig(predictor=shipped_predictor(7))
+        >>> shipped_predictor().name, (shipped_predictor() / "config.json").is_file()
+        ('schedule-free', True)
+        >>> config = lesa.LESAConfig(predictor=shipped_predictor(), speedup=4)
     """
     from .embedded.loading import PREDICTORS_DIR
 
-    path = PREDICTORS_DIR / f"n{interval}"
+    path = PREDICTORS_DIR / (SCHEDULE_FREE if interval is None else f"n{interval}")
     if not (path / "config.json").is_file():
-        available = sorted(p.name for p in PREDICTORS_DIR.glob("n*") if (p / "config.json").is_file())
+        available = sorted(p.name for p in PREDICTORS_DIR.iterdir() if (p / "config.json").is_file())
+        wanted = "the schedule-free predictor" if interval is None else f"a predictor for interval {interval}"
         raise FileNotFoundError(
-            f"no shipped predictor for interval {interval} (shipped: {', '.join(available) or 'none'}); "
-            "pass --predictor DIR or another --interval"
+            f"{wanted} is not shipped (shipped: {', '.join(available) or 'none'}); pass --predictor DIR"
         )
     return path
 

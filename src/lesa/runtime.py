@@ -18,7 +18,7 @@ import inspect
 import types
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -33,6 +33,7 @@ from .adapters import ModelAdapter, get_adapter
 from .config import CacheConfig
 from .correction import FullStepCorrector
 from .policies import Policy
+from .schedule import StepSchedule
 
 ROOT_HOOK = "lesa_runtime"
 TRUNK_HOOK = "lesa_trunk"
@@ -80,6 +81,7 @@ class ContextStats:
     calls: int = 0
     full: int = 0
     block_calls: int = 0
+    full_steps: list[int] = field(default_factory=list)  # the steps that ran the trunk
 
 
 class _StateManager(StateManager):
@@ -103,6 +105,7 @@ class ContextState(BaseState):
         self.corrector: FullStepCorrector | None = None
         self.step = 0  # index of the next call
         self.num_steps: int | None = None  # steps of the generation in progress, when the scheduler tells
+        self.schedule: StepSchedule | None = None  # the generation's full steps (`CacheConfig.plan`)
         self.last_sigma: float | None = None
         self.last_full: int | None = None
         # the call in progress
@@ -115,7 +118,7 @@ class ContextState(BaseState):
         self.trunk_input: torch.Tensor | None = None  # the first trunk block's hidden_states (residual mode)
 
     def reset(self) -> None:
-        self.policy, self.corrector = None, None
+        self.policy, self.corrector, self.schedule = None, None, None
         self.step, self.last_sigma, self.last_full = 0, None, None
 
 
@@ -134,6 +137,11 @@ class CacheRuntime:
             raise ValueError(
                 f"{config.name} needs a modulation probe, which the {self.adapter.model_class} adapter lacks"
             )
+        if config.budgeted and config.adaptive:
+            raise ValueError(
+                f"{config.name} decides its full steps as it goes: a budget (speedup / full_steps) needs a fixed "
+                "schedule; set its threshold instead"
+            )
         if config.correction and config.adaptive:
             raise ValueError(
                 f"{config.name} decides its full steps as it goes: a full-step correction needs a fixed schedule"
@@ -145,6 +153,7 @@ class CacheRuntime:
             )
         self.config = config
         self.schedule = config.schedule()
+        self.budget: dict[str, Any] | None = None  # `lesa.budget`'s override of the config's speed-up / full steps
         self.sigma_source = sigma_source
         self.state_manager = _StateManager(ContextState)
         self.num_blocks = len(self.adapter.trunk_blocks(model))
@@ -173,19 +182,33 @@ class CacheRuntime:
         policy = self.config.make_policy(name)
         policy.begin(sigmas)
         num_steps = len(sigmas) - 1 if sigmas is not None else None
+        sigma_list = None if sigmas is None else sigmas.tolist()
+        # each generation places its own full steps (a budget depends on its step count and sigmas)
+        config = self.config if self.budget is None else replace(self.config, **self.budget)
+        schedule = config.plan(sigma_list, num_steps)
         corrector = None
         if not self.config.adaptive:
             # without the sigma schedule the run's length is unknown: enough full steps for any run up to 1000 steps
-            full = self.schedule.full_steps(num_steps or 1000)
-            corrector = self.config.make_corrector(name, None if sigmas is None else sigmas.tolist(), full)
+            full = schedule.full_steps(num_steps or 1000)
+            corrector = self.config.make_corrector(name, sigma_list, full)
         if name in self.stats:  # a context seen before starts again: a new generation, drop the old counts
             self.stats.clear()
         self.stats[name] = ContextStats()
-        state.policy, state.corrector, state.num_steps = policy, corrector, num_steps
+        state.policy, state.corrector, state.num_steps, state.schedule = policy, corrector, num_steps, schedule
         state.step, state.last_sigma, state.last_full = 0, None, None
         if name not in self.warned_contexts and (note := policy.context_warning(name)):
             self.warned_contexts.add(name)
             warnings.warn(note, stacklevel=2)
+
+    def set_budget(self, speedup: float | None, full_steps: int | None) -> None:
+        """Generations from now on run at this budget (`lesa.budget`); checked here, not at the next call."""
+        if self.config.adaptive:
+            raise ValueError(f"{self.config.name} decides its full steps as it goes: it takes no budget")
+        budget = {"speedup": speedup, "full_steps": full_steps}
+        replace(self.config, **budget)  # the config's own checks (one of the two, in range)
+        if speedup is None and full_steps is None:
+            raise ValueError("lesa.budget needs speedup or full_steps")
+        self.budget = budget
 
     def abort(self) -> None:
         """After a transformer call raised: the generation it belonged to is over, so every context's next call
@@ -217,7 +240,7 @@ class CacheRuntime:
         step = context.step_index if context.step_index is not None else state.step
         state.current_step, state.current_sigma = step, sigma
         # adaptive methods decide at the first trunk block; until then the step counts as full
-        state.full = self.config.adaptive or self.schedule.is_full(step, state.last_full)
+        state.full = self.config.adaptive or state.schedule.is_full(step, state.last_full)
         state.tap = None
         state.trunk_input = None
         state.dtype = dtype
@@ -232,6 +255,8 @@ class CacheRuntime:
         stats = self.stats[name]
         stats.calls += 1
         stats.full += int(state.full)
+        if state.full:
+            stats.full_steps.append(state.current_step)
         # the trunk blocks that ran in this call, counted here (outside compiled code) from the flags their hooks set
         stats.block_calls += sum(hook.ran for hook in self.trunk_hooks)
         self._clear_block_flags()
@@ -249,10 +274,13 @@ class CacheRuntime:
                 "full_steps": s.full,
                 "cached_steps": s.calls - s.full,
                 "trunk_executions": s.block_calls / self.num_blocks if self.num_blocks else 0,
+                "full_step_indices": list(s.full_steps),
             }
             for name, s in self.stats.items()
         }
-        first = next(iter(contexts.values()), {"steps": 0, "full_steps": 0, "trunk_executions": 0})
+        first = next(
+            iter(contexts.values()), {"steps": 0, "full_steps": 0, "trunk_executions": 0, "full_step_indices": []}
+        )
         full_flops = next((v for (full, _), v in self.call_flops.items() if full), None)
         cached_flops = next((v for (full, _), v in self.call_flops.items() if not full), None)
         calls = sum(s.calls for s in self.stats.values())
@@ -263,6 +291,8 @@ class CacheRuntime:
             "warmup": self.schedule.warmup,
             "steps": first["steps"],
             "full_steps": first["full_steps"],
+            "full_step_indices": first["full_step_indices"],
+            "speedup_budget": self.config.speedup,
             "trunk_executions": first["trunk_executions"],
             "trunk_speedup": first["steps"] / first["full_steps"] if first["full_steps"] else None,
             "contexts": contexts,

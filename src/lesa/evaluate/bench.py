@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..adapters import get_adapter, model_class_name
+from ..adapters import get_adapter, model_class_name, pipeline_sigmas
 from ..checks import check_numbers
 from ..io import atomic_path, atomic_write_text
 from ..record import read_prompts, record
@@ -42,6 +42,7 @@ from .methods import (
     fixed_methods,
     lesa_methods,
     searched_method,
+    speedup_budgets,
 )
 from .work import GenerationWork, WorkMeter, trunk_executions
 
@@ -57,6 +58,9 @@ class BenchConfig:
     methods: list[str] = field(default_factory=lambda: list(FAMILIES))
     steps: int = 50
     intervals: list[int] = field(default_factory=lambda: [7, 10])  # budgets when no predictor gives them
+    # budgets by speed-up instead (any --steps): schedule-free predictors on their own placement, and every fixed
+    # method on it and on the uniform one
+    speedups: list[float] = field(default_factory=list)
     warmup: int = 3
     fit_data: str | None = None
     fit_prompts: str | None = None
@@ -85,6 +89,7 @@ class BenchConfig:
         sizes = [("height", self.height), ("width", self.width), *(("intervals", n) for n in self.intervals)]
         check_numbers([*counts, ("search_iterations", self.search_iterations), *sizes], 1)
         check_numbers([("warmup", self.warmup)], 0)
+        check_numbers((("speedups", v) for v in self.speedups), 1)
         check_numbers([("guidance_scale", self.guidance_scale)])
 
 
@@ -248,17 +253,13 @@ class Bench:
     # -- methods ------------------------------------------------------------------------------------------------------
     def build_methods(self) -> list[Method]:
         cfg = self.cfg
-        # the predictors' schedules set the budgets, with or without their own rows
-        learned = lesa_methods(cfg.predictors, cfg.steps)
-        schedules = bench_schedules(list(learned) or [(n, cfg.warmup, ()) for n in cfg.intervals])
         self.overlap["predictors"] = self.predictor_overlap()
         rec, fit_pairs = self.fitting()
         search = fit_pairs[: cfg.search_prompts]
         methods: list[Method] = []
-        for interval, warmup, explicit in schedules:
-            budget = Budget(StepSchedule(interval, warmup, explicit=explicit), cfg.steps)
+        for budget, learned in self.budgets():
             if "lesa" in cfg.methods:
-                methods += learned.get((interval, warmup, explicit), [])
+                methods += learned
             for family in cfg.methods:
                 if family == "lesa":
                     continue
@@ -282,6 +283,20 @@ class Bench:
                 shown = {k: v for k, v in m.fitted.items() if k not in ("weights", "mag_ratios", "coefficients")}
                 self.log(f"fitted {m.row}: {json.dumps(shown)}")
         return methods
+
+    def budgets(self) -> list[tuple[Budget, list[Method]]]:
+        """Every budget with its LESA rows: by speed-up (--speedups), or set by the predictors' schedules (with or
+        without their own rows), or the --intervals."""
+        cfg = self.cfg
+        if cfg.speedups:
+            sigmas = pipeline_sigmas(self.pipe, cfg.steps, cfg.height, cfg.width).tolist()
+            return speedup_budgets(cfg.predictors, cfg.steps, cfg.speedups, cfg.warmup, sigmas)
+        learned = lesa_methods(cfg.predictors, cfg.steps)
+        schedules = bench_schedules(list(learned) or [(n, cfg.warmup, ()) for n in cfg.intervals])
+        return [
+            (Budget(StepSchedule(n, w, explicit=explicit), cfg.steps), learned.get((n, w, explicit), []))
+            for n, w, explicit in schedules
+        ]
 
     def _searched(self, family: str, budget: Budget, pairs: list[Pair]) -> Method:
         cfg = self.cfg

@@ -21,9 +21,9 @@ import lesa
 from ..calibrate import fit_damping, fit_linear, fit_polynomial, search_threshold
 from ..config import CacheConfig, LinearForecastConfig, TeaCacheConfig
 from ..correction import DEFAULT_CYCLES, DEFAULT_STRENGTH, first_cycles
-from ..predictor import LESAPredictor
+from ..predictor import ScheduleFreePredictor, load_predictor
 from ..recording import Recording
-from ..schedule import StepSchedule
+from ..schedule import StepSchedule, full_step_count, uniform_budget
 
 FAMILIES: tuple[str, ...] = (
     "lesa",
@@ -53,6 +53,8 @@ class Budget:
 
     schedule: StepSchedule
     steps: int
+    speedup: float | None = None  # a budget given as a speed-up (`lesa bench --speedups`): named by it
+    placement: str = "uniform"  # with a speed-up: "uniform" or "planned" (a schedule-free predictor's own)
 
     @property
     def interval(self) -> int:
@@ -68,6 +70,8 @@ class Budget:
 
     @property
     def name(self) -> str:
+        if self.speedup is not None:
+            return f"x{self.speedup:g}" + (" planned" if self.placement == "planned" else "")
         return f"N={self.interval}" + (" searched" if self.explicit else "")
 
     @property
@@ -76,6 +80,8 @@ class Budget:
 
     @property
     def label(self) -> str:
+        if self.speedup is not None:
+            return f"{self.full_steps}/{self.steps}" + (" planned" if self.placement == "planned" else "")
         return f"{self.full_steps}/{self.steps}" + (" searched" if self.explicit else "")
 
 
@@ -226,7 +232,9 @@ def lesa_methods(predictors: list[str], steps: int) -> dict[tuple[int, int, tupl
     row of its own."""
     loaded = []
     for directory in predictors:
-        predictor = LESAPredictor.from_pretrained(directory)
+        predictor = load_predictor(directory)
+        if isinstance(predictor, ScheduleFreePredictor):
+            raise ValueError(f"predictor {directory} is schedule-free: bench it at budgets by speed-up (--speedups)")
         pc = predictor.config
         if pc.num_steps != steps:
             raise ValueError(f"predictor {directory} was trained for {pc.num_steps} steps, the bench runs {steps}")
@@ -242,6 +250,49 @@ def lesa_methods(predictors: list[str], steps: int) -> dict[tuple[int, int, tupl
         row = f"LESA {budget.name}" + (f" ({variant})" if len(names[key]) > 1 else "")
         config = lesa.LESAConfig(predictor=predictor, count_flops=False)
         out.setdefault(key, []).append(Method(row, "lesa", budget, *_ours(config), seed=str(directory)))
+    return out
+
+
+def speedup_budgets(
+    predictors: list[str], steps: int, speedups: list[float], warmup: int, sigmas: list[float]
+) -> list[tuple[Budget, list[Method]]]:
+    """Budgets by speed-up (`lesa bench --speedups`): per speed-up, the schedule-free predictors' own placement
+    (their LESA rows; several directories differing in a seed suffix are seeds of one row) and the uniform placement
+    of the same number of full steps, for the fixed-schedule methods to run on both."""
+    loaded = []
+    for directory in predictors:
+        predictor = load_predictor(directory)
+        if not isinstance(predictor, ScheduleFreePredictor):
+            raise ValueError(
+                f"predictor {directory} is format 1 (one schedule: {predictor.config.num_steps} steps, interval "
+                f"{predictor.config.interval}); budgets by speed-up need schedule-free predictors: bench it with "
+                "--intervals instead"
+            )
+        loaded.append((directory, predictor, SEED_SUFFIX.sub("", Path(directory).resolve().name)))
+    variants = {v for *_, v in loaded}
+    out: list[tuple[Budget, list[Method]]] = []
+    for speedup in speedups:
+        budget_count = full_step_count(steps, speedup)
+        if budget_count >= steps:
+            continue
+        planned: dict[tuple[int, ...], tuple[Budget, list[Method]]] = {}
+        for directory, predictor, variant in loaded:
+            schedule = predictor.config.placement(sigmas, budget_count)
+            key = tuple(schedule.full_steps(steps))
+            budget, methods = planned.setdefault(key, (Budget(schedule, steps, speedup, "planned"), []))
+            row = f"LESA {budget.name}" + (f" ({variant})" if len(variants) > 1 else "")
+            config = lesa.LESAConfig(
+                predictor=predictor,
+                interval=schedule.interval,
+                warmup=schedule.warmup,
+                explicit_full_steps=schedule.explicit,
+                count_flops=False,
+            )
+            methods.append(Method(row, "lesa", budget, *_ours(config), seed=str(directory)))
+        uniform = Budget(uniform_budget(steps, budget_count, warmup), steps, speedup, "uniform")
+        out += [*planned.values()]
+        if tuple(uniform.schedule.full_steps(steps)) not in planned:
+            out.append((uniform, []))
     return out
 
 

@@ -1,11 +1,21 @@
-"""The learned LESA forecast as a policy: history of the last features, per-step coefficients, stage experts."""
+"""The learned LESA forecast as a policy: history of the last features, coefficients per step (format 1) or from the
+sigmas of the history and the step (schedule-free, format 2), stage experts."""
 
 from __future__ import annotations
 
 import torch
 
-from ..predictor import LESAPredictor, forecast_flops
+from ..predictor import LESAPredictor, ScheduleFreePredictor, forecast_flops
 from .base import Policy
+
+
+def check_width(width: int, feature: torch.Tensor) -> None:
+    """Refuse a tapped feature of another width than the predictor was trained on."""
+    if feature.shape[-1] != width:
+        raise ValueError(
+            f"predictor was trained on features of width {width}, but this model's tapped feature has width "
+            f"{feature.shape[-1]} (shape {tuple(feature.shape)})"
+        )
 
 
 class LESAPolicy(Policy):
@@ -44,12 +54,7 @@ class LESAPolicy(Policy):
         del self.history[: -self.keep]
 
     def observe(self, feature: torch.Tensor, step: int, sigma: float) -> None:
-        width = self.predictor.config.feature_dim
-        if feature.shape[-1] != width:
-            raise ValueError(
-                f"predictor was trained on features of width {width}, but this model's tapped feature has width "
-                f"{feature.shape[-1]} (shape {tuple(feature.shape)})"
-            )
+        check_width(self.predictor.config.feature_dim, feature)
         self._push(feature if self.history_grad else feature.detach())
 
     def forecast(self, step: int, sigma: float) -> torch.Tensor:
@@ -83,3 +88,47 @@ class LESAPolicy(Policy):
             f"it serves {context!r} with what it learned for {self.context!r} (e.g. true CFG's uncond pass with a "
             "predictor recorded without true CFG); record and train with this context for forecasts of its own"
         )
+
+
+class ScheduleFreePolicy(Policy):
+    """The schedule-free predictor (format 2) as a policy: the last K full-step features of one cache context and the
+    sigmas they were computed at; each cached step's coefficients come from those sigmas and its own, whatever the
+    step count, shift or placement. With `differentiable=True` (closed-loop training) forecasts carry gradients to
+    the predictor's weights, and with `history_grad` the kept features keep theirs."""
+
+    name = "lesa"
+
+    def __init__(
+        self, predictor: ScheduleFreePredictor, context: str, differentiable: bool = False, history_grad: bool = False
+    ) -> None:
+        self.predictor = predictor
+        self.context = context
+        self.differentiable = differentiable
+        self.history_grad = differentiable and history_grad
+        self.history: list[torch.Tensor] = []
+        self.past: list[float] = []  # the sigma of each kept feature
+
+    def begin(self, sigmas: torch.Tensor | None) -> None:
+        self.history, self.past = [], []
+
+    def observe(self, feature: torch.Tensor, step: int, sigma: float) -> None:
+        check_width(self.predictor.config.feature_dim, feature)
+        keep = self.predictor.config.window
+        self.history = [*self.history, feature if self.history_grad else feature.detach()][-keep:]
+        self.past = [*self.past, float(sigma)][-keep:]
+
+    def forecast(self, step: int, sigma: float) -> torch.Tensor:
+        if not self.history:
+            raise ValueError("the feature history is empty: at least one full step must run before a forecast")
+        if not self.differentiable:
+            coeffs = self.predictor.coefficient_list(self.context, sigma, self.past)
+            return ScheduleFreePredictor.apply_coefficients(self.history, coeffs)
+        dtype = self.history[-1].dtype
+        with torch.enable_grad():
+            out = self.predictor.forecast([h.float() for h in self.history], self.context, sigma, self.past)
+        return out.to(dtype)
+
+    def forecast_flops(self, numel: int) -> int:
+        return forecast_flops(self.predictor.config.window, numel)
+
+    context_warning = LESAPolicy.context_warning

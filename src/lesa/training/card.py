@@ -3,7 +3,7 @@ validation errors beside the baselines'."""
 
 from __future__ import annotations
 
-from ..predictor import LESAPredictor
+from ..predictor import LESAPredictor, ScheduleFreePredictor
 from ..recording import Recording
 
 
@@ -89,4 +89,56 @@ Error of the final latent against the unaccelerated run from the same noise (low
 
 Use: `lesa.enable(pipe, lesa.LESAConfig(predictor="<this directory>"))` or
 `lesa generate --model <pipeline> --cache lesa --predictor <this directory> ...`.
+"""
+
+
+def schedule_free_card(predictor: ScheduleFreePredictor, summary: dict) -> str:
+    """The card of a schedule-free predictor from its training summary (training_log.json)."""
+    pc = predictor.config
+    cells = summary["cells"]
+    best = summary["seeds"][summary["best_seed"]]
+    kept = next(
+        e["val"]
+        for e in best["log"]
+        if (e["epoch"] == 0 and best["best_at"] == "init") or f"epoch {e['epoch']}" == best["best_at"]
+    )
+    rows = [("LESA (this predictor, its own placement)", summary["placements"][f"power {pc.placement_power:g}"])]
+    rows += [(f"{name} (same placement)", v) for name, v in summary["baselines"].items()]
+    rows += [("LESA on the uniform placement", summary["placements"]["uniform"])]
+    header = "| method | " + " | ".join(cells) + " |\n|---|" + "---|" * len(cells)
+    table = "\n".join(f"| {name} | " + " | ".join(f"{v[c]['psnr']:.2f}" for c in cells) + " |" for name, v in rows)
+    cfg = summary["config"]
+    begin = summary["start"]
+    start = f"at {begin['kind']} (a_1 = {begin['damping']:.3f})"
+    if begin["targets"]:
+        damped = [c for c, v in begin["targets"].items() if v]
+        start = f"per cell at the better of reuse and damped TaylorSeer O1 (damped on: {', '.join(damped) or 'none'})"
+    return f"""---
+library_name: lesa
+tags: [lesa, diffusion, caching, {pc.model_class}]
+---
+# LESA predictor for `{pc.base_model}` (schedule-free, format 2)
+
+A learned, stage-aware feature predictor (LESA) for a `{pc.model_class}` that serves **any step count, any shift of the
+sigma schedule and any budget**: its forecast coefficients and full-step correction are computed from the sigmas of
+the step and of the last {pc.window} full steps, never from a step index.
+
+- Tap: {pc.tap}; feature width {pc.feature_dim}; contexts {pc.contexts}; stages: thresholds {pc.thresholds} on sigma
+- Coefficient network per stage and context: a KAN of 4 schedule inputs, one hidden layer of {pc.hidden}, started
+  {start}; learned correction: {pc.correction}
+- Budget: `speedup` (default {pc.default_speedup:g}) or `full_steps`; full steps after the warm-up
+  (0..{pc.warmup}) placed by the sigma rule of power {pc.placement_power:g} (`lesa.schedule.sigma_budget`)
+- Trained on recordings at {pc.trained_steps} steps, budgets {list(cfg["speedups"])} x placement powers
+  {list(cfg["placement_powers"])}; {cfg["epochs_clar"]} closed-loop epochs at lr {cfg["lr_clar"]},
+  batch {cfg["batch_size"]}; kept seed {summary["best_seed"]} at {best["best_at"]}
+- Parameters: {predictor.num_parameters():,}
+
+## Held-out latent PSNR (dB) per cell (closed loop, final latent against the unaccelerated run)
+{header}
+{table}
+
+(At selection: {", ".join(f"{c} {kept[c]['psnr']:.2f}" for c in cells)}.)
+
+Use: `lesa.enable(pipe, lesa.LESAConfig(predictor="<this directory>", speedup=4))` or
+`lesa generate --model <pipeline> --predictor <this directory> --steps 28 --speedup 4 ...`.
 """

@@ -52,6 +52,18 @@ class TrainConfig:
         "placement of the interval's full steps: uniform; plan (also a placement by dynamic programming on the "
         "teacher-forced error, the better trained predictor kept); search (also a closed-loop search, slow)",
     )
+    speedups: tuple[float, ...] = setting(
+        (2.5, 4.0, 5.0, 6.25),
+        "schedule",
+        "format 2: the budgets (steps per full step) it trains and validates on, at every recorded step count",
+    )
+    min_full_steps: int = setting(4, "schedule", "format 2: budgets below this many full steps are left out")
+    placement_powers: tuple[float, ...] = setting(
+        (1.0, 1.3),
+        "schedule",
+        "format 2: powers of the sigma placement rule (schedule.sigma_budget) it trains on; the best on validation "
+        "is saved as the predictor's own",
+    )
     # -- optimiser
     phases: tuple[str, ...] = setting(PHASES, "optimiser", "phases in order: gt (teacher forcing), clar (closed loop)")
     epochs_gt: int = setting(3, "optimiser", "epochs of phase gt")
@@ -99,6 +111,10 @@ class TrainConfig:
         "(each block keeps its inputs instead of its activations, for one more forward of it; same gradients)",
     )
     # -- predictor architecture
+    format: int = setting(
+        1, "predictor", "1: one predictor per sigma schedule (the paper); 2: schedule-free (any steps, shift, budget)"
+    )
+    hidden: int = setting(16, "predictor", "format 2: width of the coefficient KAN's one hidden layer")
     thresholds: tuple[float, ...] | None = setting(
         None, "predictor", "stage boundaries on sigma (None: the model adapter's, 0.9, 0.5; Qwen-Image 0.9, 0.4)"
     )
@@ -129,6 +145,9 @@ class TrainConfig:
     # -- selection
     select: str = setting("mse", "selection", "held-out score that picks the kept checkpoint: mse or psnr")
     val_fraction: float = setting(0.2, "selection", "share of the prompts held out (0: needs a validation recording)")
+    val_limit: int = setting(
+        0, "selection", "format 2: held-out trajectories per (step count, budget) cell scored each epoch (0: all)"
+    )
     seeds: int = setting(1, "selection", "training seeds; the best on the held-out split is kept")
     seed: int = setting(0, "selection", "first training seed")
     extra: dict[str, Any] = setting({}, "selection", "free-form notes kept in the training log")
@@ -140,7 +159,7 @@ class TrainConfig:
         floors = [("lr_min", self.lr_min), ("weight_decay", self.weight_decay), ("anchor", self.anchor)]
         counts = [("epochs_gt", self.epochs_gt), ("epochs_clar", self.epochs_clar), ("warmup", self.warmup)]
         strength = [("correction_start", self.correction_start), ("correction_cycles", self.correction_cycles)]
-        check_numbers([*floors, *counts, *strength], 0)
+        check_numbers([*floors, *counts, *strength, ("val_limit", self.val_limit)], 0)
         sizes = [
             ("batch_size", self.batch_size),
             ("micro_batch", self.micro_batch),
@@ -148,7 +167,18 @@ class TrainConfig:
             ("interval", self.interval),
         ]
         widths = [("history", self.history), *(("windows", k) for k in self.windows)]
-        check_numbers([*sizes, *widths, *(("kan_hidden", w) for w in self.kan_hidden)], 1)
+        check_numbers([*sizes, *widths, *(("kan_hidden", w) for w in self.kan_hidden), ("hidden", self.hidden)], 1)
+        check_numbers([*(("speedups", v) for v in self.speedups), ("min_full_steps", self.min_full_steps)], 1)
+        check_numbers((("placement_powers", v) for v in self.placement_powers), 0, above=True)
+        if self.format not in (1, 2):
+            raise ValueError(f"format must be 1 or 2, got {self.format!r}")
+        if self.format == 2 and (self.memory != "full" or self.loss != "final" or self.phases != ("clar",)):
+            raise ValueError(
+                "format 2 trains in the closed loop on full-step features: it needs memory 'full', loss 'final' and "
+                f"phases clar (the schedule-free recipe), got {self.memory!r}, {self.loss!r}, {self.phases}"
+            )
+        if self.format == 2 and self.correction == "auto":
+            raise ValueError("format 2: correction must be true or false (auto compares placements of one schedule)")
         check_numbers(("thresholds", t) for t in self.thresholds or ())
         unknown = [p for p in self.phases if p not in PHASES]
         if unknown or not self.phases:
@@ -209,7 +239,8 @@ def settings_doc() -> str:
 
     intro = (
         "Every setting of `lesa train`, generated from `lesa.training.TrainConfig`. The defaults are the `paper` "
-        "recipe's; the `calibrated` recipe (the default) changes some of them (`lesa/training/recipes.py`; see the "
+        "recipe's; the `calibrated` recipe (the default) and `schedule-free` change some of them "
+        "(`lesa/training/recipes.py`; see the "
         "effective values with `lesa train --data D --out O --print-config`). Change any with `--set key=value` "
         "(lists as `4,8,8`, switches as `true`/`false`, `none` for unset) or `--config FILE` (JSON or TOML, e.g. the "
         "output of `--print-config`)."

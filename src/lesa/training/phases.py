@@ -54,6 +54,64 @@ def frozen_pipeline(pipe: Any) -> Iterator[None]:
             p.requires_grad_(flag)
 
 
+def param_groups(predictor: torch.nn.Module, peak: float, config: TrainConfig) -> list[dict[str, Any]]:
+    """The optimiser's parameter groups: the learned correction (if any) at its own peak learning rate."""
+    correction = [predictor.correction] if predictor.config.correction else []
+    rest = [p for p in predictor.parameters() if all(p is not c for c in correction)]
+    groups: list[dict[str, Any]] = [{"params": rest, "lr": peak}]
+    if correction:
+        groups.append({"params": correction, "lr": config.lr_correction, "peak": config.lr_correction})
+    return groups
+
+
+def apply_update(
+    predictor: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    state: dict,
+    loss_sum: torch.Tensor | Iterable[torch.Tensor] | None,
+    count: int,
+    peak: float,
+    total: int,
+    config: TrainConfig,
+    ddp: bool = False,
+) -> float:
+    """One update from this rank's summed loss `loss_sum` (L1 error, or log MSE with loss "final"; None: this rank
+    has no data in the minibatch) over a minibatch of `count` elements (trajectories with loss "final") on all
+    ranks together, with the run settings `config`. Returns the minibatch's mean loss (equal on all ranks).
+
+    `loss_sum` may also be an iterable of the summed losses of the share's micro-batches: each is back-propagated
+    as it comes (a generator rolls the next one out only then, so one micro-batch's graph is alive at a time) and
+    their gradients add up to the whole share's. Gradients are summed over ranks: with `ddp` by
+    DistributedDataParallel during backward (it averages, so the loss carries the world size), otherwise by an
+    explicit all-reduce after backward.
+    """
+    cfg = config
+    dist = distributed.current()
+    scale = (dist.world_size if ddp else 1) / count
+    optimizer.zero_grad(set_to_none=True)
+    local = torch.zeros(1, dtype=torch.float64)
+    for part in [loss_sum] if isinstance(loss_sum, torch.Tensor) else loss_sum or ():
+        local += part.detach().double().reshape(1).cpu()
+        (part * scale).backward()
+    value = float(distributed.all_reduce_sum(local)[0]) / count
+    if not math.isfinite(value):  # divergence guard: never let a NaN update reach the weights (all ranks agree)
+        state["skipped"] = state.get("skipped", 0) + 1
+        optimizer.zero_grad(set_to_none=True)  # after the backward DDP expects of its forward
+        return value
+    for group in optimizer.param_groups:
+        group["lr"] = cosine_lr(group.get("peak", peak), cfg.lr_min, state["t"], total)
+    if not ddp:
+        distributed.all_reduce_gradients(predictor)
+    torch.nn.utils.clip_grad_norm_(predictor.parameters(), cfg.grad_clip)
+    optimizer.step()
+    if cfg.anchor > 0:
+        with torch.no_grad():
+            for p, start in zip(predictor.parameters(), state["anchor"], strict=True):
+                p.lerp_(start, min(1.0, optimizer.param_groups[0]["lr"] * cfg.anchor))
+    state["t"] += 1
+    return value
+
+
 @dataclass
 class Phases:
     """Trains predictors of one variant: everything the phases read, as values.
@@ -119,13 +177,7 @@ class Phases:
         return math.ceil(len(self.data.train_idx) / self.config.batch_size) * self.updates_per_rollout(phase)
 
     def param_groups(self, predictor: LESAPredictor, peak: float) -> list[dict[str, Any]]:
-        """The optimiser's parameter groups: the learned correction (if any) at its own peak learning rate."""
-        correction = [predictor.correction] if predictor.config.correction else []
-        rest = [p for p in predictor.parameters() if all(p is not c for c in correction)]
-        groups: list[dict[str, Any]] = [{"params": rest, "lr": peak}]
-        if correction:
-            groups.append({"params": correction, "lr": self.config.lr_correction, "peak": self.config.lr_correction})
-        return groups
+        return param_groups(predictor, peak, self.config)
 
     def update(
         self,
@@ -138,40 +190,8 @@ class Phases:
         total: int,
         ddp: bool = False,
     ) -> float:
-        """One update from this rank's summed loss `loss_sum` (L1 error, or log MSE with loss "final"; None: this rank
-        has no data in the minibatch) over a minibatch of `count` elements (trajectories with loss "final") on all
-        ranks together. Returns the minibatch's mean loss (equal on all ranks).
-
-        `loss_sum` may also be an iterable of the summed losses of the share's micro-batches: each is back-propagated
-        as it comes (a generator rolls the next one out only then, so one micro-batch's graph is alive at a time) and
-        their gradients add up to the whole share's. Gradients are summed over ranks: with `ddp` by
-        DistributedDataParallel during backward (it averages, so the loss carries the world size), otherwise by an
-        explicit all-reduce after backward.
-        """
-        cfg = self.config
-        scale = (self.dist.world_size if ddp else 1) / count
-        optimizer.zero_grad(set_to_none=True)
-        local = torch.zeros(1, dtype=torch.float64)
-        for part in [loss_sum] if isinstance(loss_sum, torch.Tensor) else loss_sum or ():
-            local += part.detach().double().reshape(1).cpu()
-            (part * scale).backward()
-        value = float(distributed.all_reduce_sum(local)[0]) / count
-        if not math.isfinite(value):  # divergence guard: never let a NaN update reach the weights (all ranks agree)
-            state["skipped"] = state.get("skipped", 0) + 1
-            optimizer.zero_grad(set_to_none=True)  # after the backward DDP expects of its forward
-            return value
-        for group in optimizer.param_groups:
-            group["lr"] = cosine_lr(group.get("peak", peak), cfg.lr_min, state["t"], total)
-        if not ddp:
-            distributed.all_reduce_gradients(predictor)
-        torch.nn.utils.clip_grad_norm_(predictor.parameters(), cfg.grad_clip)
-        optimizer.step()
-        if cfg.anchor > 0:
-            with torch.no_grad():
-                for p, start in zip(predictor.parameters(), state["anchor"], strict=True):
-                    p.lerp_(start, min(1.0, optimizer.param_groups[0]["lr"] * cfg.anchor))
-        state["t"] += 1
-        return value
+        """`apply_update` with this variant's settings."""
+        return apply_update(predictor, optimizer, state, loss_sum, count, peak, total, self.config, ddp)
 
     def _stack(self, data: list[dict[str, torch.Tensor]], key: str) -> torch.Tensor:
         """(steps, batch, ...) float32 on the device; an empty batch gives a zero-size tensor of the right shape."""
@@ -299,12 +319,21 @@ class Phases:
         rate: docs/history/2026-12-benchmarks-notebook.md). With `loss_cycles`, the same term of the latents at the end
         of the first cache cycles is added."""
 
-        def log_mse(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
-            return ((x.float() - ref.to(x.device, torch.float32)) ** 2).flatten(1).mean(1).log().sum()
+        return closed_loop_loss(self.scorer, batch, data, self.cycle_ends()[: self.config.loss_cycles])
 
-        full = self.cycle_ends()[: self.config.loss_cycles]
-        with self.scorer.latents_at(full, len(batch)) as latents:
-            loss = log_mse(self.scorer.run(batch, data, grad=True), torch.stack([d["final"] for d in data]))
-        for step in full:
-            loss = loss + log_mse(latents[step], torch.stack([d["latents"][step] for d in data]))
-        return loss
+
+def closed_loop_loss(
+    scorer: Scorer, batch: list[int], data: list[dict[str, torch.Tensor]], cycle_ends: list[int]
+) -> torch.Tensor:
+    """The summed log MSE of these trajectories' final latents against the recording, plus that of the latents
+    entering each of `cycle_ends`, with gradients through the whole sampler (the pipeline must run a differentiable
+    LESAConfig)."""
+
+    def log_mse(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+        return ((x.float() - ref.to(x.device, torch.float32)) ** 2).flatten(1).mean(1).log().sum()
+
+    with scorer.latents_at(cycle_ends, len(batch)) as latents:
+        loss = log_mse(scorer.run(batch, data, grad=True), torch.stack([d["final"] for d in data]))
+    for step in cycle_ends:
+        loss = loss + log_mse(latents[step], torch.stack([d["latents"][step] for d in data]))
+    return loss

@@ -5,7 +5,8 @@ better of reuse and damped TaylorSeer O1 on a memory of full-step features, trai
 latent and of the latents closing the first two cache cycles, back-propagated through the sampler, trains with and
 without a learned full-step correction (`lesa.correction`) on the uniform and a planned placement of the full steps,
 and keeps the one of those four whose trained predictor scores best on validation (BENCHMARKS.md; best with
-`--val-data`).
+`--val-data`). "schedule-free" trains one predictor of format 2 the calibrated way over recordings at several step
+counts, several budgets and placements.
 """
 
 from __future__ import annotations
@@ -30,6 +31,11 @@ RECIPES: dict[str, dict[str, Any]] = {
         history=3,
     ),
 }
+# one predictor for every step count, resolution and budget: the calibrated closed loop, trained over the recordings'
+# step counts x budgets x placements (lesa.training.schedule_free)
+# (its coefficient network is small: 1e-4, right for format 1's 256-wide KAN, moves it too slowly; 6 epochs at 3e-3
+# were the shipped one's, docs/history/2026-12-07-schedule-free.md)
+RECIPES["schedule-free"] = {**RECIPES["calibrated"], "format": 2, "correction": True, "lr_clar": 3e-3, "epochs_clar": 6}
 DEFAULT_RECIPE = "calibrated"
 
 
