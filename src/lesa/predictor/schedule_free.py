@@ -138,7 +138,7 @@ def _knot(t: float, n: int) -> tuple[int, float]:
     return i, t - i
 
 
-def _inputs(sigma: float, past: Sequence[float]) -> tuple[float, list[float]] | None:
+def forecast_inputs(sigma: float, past: Sequence[float]) -> tuple[float, list[float]] | None:
     """(u, x) of a forecast at `sigma` from full steps at sigmas `past` (oldest first), or None when there is
     nothing to extrapolate (fewer than two, or a degenerate gap): the forecast is then the last feature."""
     if len(past) < 2:
@@ -194,7 +194,7 @@ class ScheduleFreePredictor(PredictorArtefact):
         autograd to the weights."""
         past = list(past)[-self.config.window :]
         first = next(self.parameters())
-        found = _inputs(sigma, past)
+        found = forecast_inputs(sigma, past)
         if found is None:
             return first.new_zeros(len(past))
         u, x = found

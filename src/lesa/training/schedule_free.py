@@ -30,7 +30,7 @@ from ..checkpoint import load_checkpoint, refuse_pickles, save_checkpoint
 from ..config import LESAConfig
 from ..evaluate.methods import baseline_config
 from ..predictor import ScheduleFreeConfig, ScheduleFreePredictor, check_predictor_dir, stage_of
-from ..predictor.schedule_free import _inputs
+from ..predictor.schedule_free import forecast_inputs
 from ..recording import Recording
 from ..schedule import StepSchedule, full_step_count, sigma_budget, uniform_budget
 from ..trajectories import stderr_notice
@@ -188,7 +188,7 @@ class ScheduleFreeTrainer:
                 full = self.placement(cell, power).full_steps(cell.num_steps)
                 for step in range(cell.num_steps):
                     past = [sigmas[f] for f in full if f < step][-window:]
-                    found = None if step in full else _inputs(sigmas[step], past)
+                    found = None if step in full else forecast_inputs(sigmas[step], past)
                     if found is not None:
                         stage = stage_of(float(sigmas[step]), tuple(predictor.config.thresholds))
                         samples.setdefault(stage, []).append((found[1], targets[cell.name]))
