@@ -18,7 +18,31 @@ def check_width(width: int, feature: torch.Tensor) -> None:
         )
 
 
-class LESAPolicy(Policy):
+class LearnedPolicy(Policy):
+    """What both learned policies share: the predictor, the context it serves, whether forecasts carry gradients,
+    and the feature history."""
+
+    name = "lesa"
+
+    def __init__(self, predictor, context: str, differentiable: bool = False, history_grad: bool = False) -> None:
+        self.predictor = predictor
+        self.context = context
+        self.differentiable = differentiable
+        self.history_grad = differentiable and history_grad
+        self.history: list[torch.Tensor] = []
+
+    def context_warning(self, context: str) -> str | None:
+        """A context the predictor has no experts of is served by another's (`resolve_context`)."""
+        if context == self.context:
+            return None
+        return (
+            f"the LESA predictor was trained on cache context(s) {self.predictor.config.contexts}, not {context!r}: "
+            f"it serves {context!r} with what it learned for {self.context!r} (e.g. true CFG's uncond pass with a "
+            "predictor recorded without true CFG); record and train with this context for forecasts of its own"
+        )
+
+
+class LESAPolicy(LearnedPolicy):
     """History of the last tapped features of one cache context (computed or forecast; with the predictor's memory
     "full" computed only): as many as the largest stage window K needs, in the dtype the runtime hands over.
 
@@ -27,16 +51,10 @@ class LESAPolicy(Policy):
     keeps it detached (one-step gradients), unless `history_grad` (back-propagation through time).
     """
 
-    name = "lesa"
-
     def __init__(
         self, predictor: LESAPredictor, context: str, differentiable: bool = False, history_grad: bool = False
     ) -> None:
-        self.predictor = predictor
-        self.context = context
-        self.differentiable = differentiable
-        self.history_grad = differentiable and history_grad
-        self.history: list[torch.Tensor] = []
+        super().__init__(predictor, context, differentiable, history_grad)
         self.sigmas: torch.Tensor | None = None
         self.table: list[tuple[list[float], float]] | None = None
         self.keep = max(predictor.config.windows)
@@ -79,33 +97,17 @@ class LESAPolicy(Policy):
     def forecast_flops(self, numel: int) -> int:
         return forecast_flops(max(self.predictor.config.windows), numel)
 
-    def context_warning(self, context: str) -> str | None:
-        """A context the predictor has no experts of is served by another's (`LESAPredictor.resolve_context`)."""
-        if context == self.context:
-            return None
-        return (
-            f"the LESA predictor was trained on cache context(s) {self.predictor.config.contexts}, not {context!r}: "
-            f"it serves {context!r} with what it learned for {self.context!r} (e.g. true CFG's uncond pass with a "
-            "predictor recorded without true CFG); record and train with this context for forecasts of its own"
-        )
 
-
-class ScheduleFreePolicy(Policy):
+class ScheduleFreePolicy(LearnedPolicy):
     """The schedule-free predictor (format 2) as a policy: the last K full-step features of one cache context and the
     sigmas they were computed at; each cached step's coefficients come from those sigmas and its own, whatever the
     step count, shift or placement. With `differentiable=True` (closed-loop training) forecasts carry gradients to
     the predictor's weights, and with `history_grad` the kept features keep theirs."""
 
-    name = "lesa"
-
     def __init__(
         self, predictor: ScheduleFreePredictor, context: str, differentiable: bool = False, history_grad: bool = False
     ) -> None:
-        self.predictor = predictor
-        self.context = context
-        self.differentiable = differentiable
-        self.history_grad = differentiable and history_grad
-        self.history: list[torch.Tensor] = []
+        super().__init__(predictor, context, differentiable, history_grad)
         self.past: list[float] = []  # the sigma of each kept feature
 
     def begin(self, sigmas: torch.Tensor | None) -> None:
@@ -130,5 +132,3 @@ class ScheduleFreePolicy(Policy):
 
     def forecast_flops(self, numel: int) -> int:
         return forecast_flops(self.predictor.config.window, numel)
-
-    context_warning = LESAPolicy.context_warning
