@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import weakref
 
 import pytest
@@ -14,7 +15,7 @@ import lesa
 from lesa.cli import _parser, _train_config
 from lesa.runtime import get_runtime
 from lesa.training import TrainConfig, Trainer
-from lesa.training.phases import frozen_pipeline
+from lesa.training.phases import frozen_pipeline, truncation_step
 
 # the calibrated recipe's gradient at test size: the exact gradient, an early-cycle term and a learned correction
 CALIBRATED = dict(QUICK_CALIBRATED, history_grad=True, loss_cycles=1, correction=True)
@@ -89,7 +90,9 @@ def test_closed_loop_trains_the_predictor_alone(pipe, recording, tmp_path):
     assert component_flags(pipe) == before
 
 
-def rollout(pipe, trainer: Trainer, predictor, checkpoint_trunk: bool) -> tuple[list[torch.Tensor], dict, dict]:
+def rollout(
+    pipe, trainer: Trainer, predictor, checkpoint_trunk: bool, checkpoint_calls: bool = False
+) -> tuple[list[torch.Tensor], dict, dict]:
     """The gradient of `final_loss` on two training trajectories over every predictor weight, the live tensor bytes
     after the forward and at the peak of forward + backward, and the runtime's counts."""
     phases = trainer.phases()
@@ -100,6 +103,7 @@ def rollout(pipe, trainer: Trainer, predictor, checkpoint_trunk: bool) -> tuple[
         differentiable=True,
         history_grad=True,
         checkpoint_trunk=checkpoint_trunk,
+        checkpoint_calls=checkpoint_calls,
         count_flops=False,
     )
     lesa.enable(pipe, config)
@@ -128,6 +132,12 @@ def test_checkpointing_the_trunk_keeps_the_gradient_and_bounds_the_memory(pipe, 
     print(f"live tensor bytes without / with checkpointing: {plain_memory} / {checked_memory}")
     assert checked_memory["forward"] < 0.3 * plain_memory["forward"]
     assert checked_memory["peak"] < 0.6 * plain_memory["peak"]
+    # the whole call checkpointed instead: the same gradient (recomputed with the same ops), the books kept once
+    calls, calls_memory, calls_counts = rollout(pipe, trainer, predictor, checkpoint_trunk=True, checkpoint_calls=True)
+    assert all(torch.equal(a, b) for a, b in zip(plain, calls, strict=True))
+    assert calls_counts == plain_counts
+    print(f"with the calls checkpointed: {calls_memory}")
+    assert calls_memory["forward"] < checked_memory["forward"]
 
 
 def test_micro_batches_accumulate_the_whole_batch_update(pipe, recording, tmp_path):
@@ -168,3 +178,158 @@ def test_train_cli_sets_the_memory_options():
     assert config("--set", "checkpoint_trunk=false").checkpoint_trunk is False
     with pytest.raises(ValueError, match="micro_batch splits"):
         config("--recipe", "paper", "--micro-batch", "2")
+
+
+def test_truncation_step():
+    full = [0, 1, 2, 3, 10, 17, 24, 31, 38, 45]  # 50 steps, interval 7, warm-up 3: cycles open at 3, 10, ..., 45
+    assert truncation_step(full, 50, None) == 0
+    assert truncation_step(full, 50, 1) == 45
+    assert truncation_step(full, 50, 2) == 38
+    assert truncation_step(full, 50, 6) == 10
+    assert truncation_step(full, 50, 7) == 0  # as many cycles as the schedule has: the whole sampler
+    assert truncation_step([0, 1, 2, 5, 8, 9], 10, 1) == 5  # 8 opens no cycle (9 is full), nor does 9 (the last step)
+    with pytest.raises(ValueError, match="truncate_cycles must be >= 1"):
+        TrainConfig(truncate_cycles=0, loss="final")
+    with pytest.raises(ValueError, match="needs loss 'final'"):
+        TrainConfig(truncate_cycles=1)
+
+
+def test_truncated_back_propagation_keeps_only_the_last_cycles(pipe, recording, tmp_path):
+    """--set truncate_cycles=1: the rollout runs without autograd until the last cache cycle opens, so no forecast,
+    correction or latent before it carries a graph (nor is memory kept for them), while the gradient still reaches
+    the predictor through the last cycle; truncating to as many cycles as the schedule has is no truncation."""
+    trainer = Trainer(recording, pipe, tmp_path / "p", TrainConfig(**CALIBRATED), **QUIET)
+    phases = trainer.phases()
+    predictor = phases.new_predictor(0)
+    full = phases.schedule.full_steps(phases.num_steps)
+    start = truncation_step(full, phases.num_steps, 1)
+    assert start > 0
+
+    def run(grad_from_step: int):
+        batch = trainer.train_idx[:2]
+        data = [trainer.data.load(i) for i in batch]
+        config = lesa.LESAConfig(
+            predictor=predictor,
+            differentiable=True,
+            history_grad=True,
+            grad_from_step=grad_from_step,
+            count_flops=False,
+        )
+        tracked: dict[int, bool] = {}
+        lesa.enable(pipe, config)
+        get_runtime(pipe.transformer).observers.append(lambda e: tracked.setdefault(e.step, e.output.requires_grad))
+        try:
+            with frozen_pipeline(pipe), LiveTensorBytes() as memory:
+                loss = phases.final_loss(batch, data)
+                forward = memory.now
+                grads = torch.autograd.grad(loss, list(predictor.parameters()), allow_unused=True)
+        finally:
+            lesa.disable(pipe)
+        grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, predictor.parameters(), strict=True)]
+        return grads, forward, tracked
+
+    whole, whole_forward, whole_tracked = run(0)
+    cut, cut_forward, cut_tracked = run(start)
+    # from `start` on: every forecast, and the full step opening the cycle (its learned correction)
+    assert [s for s, g in cut_tracked.items() if g] == [s for s in cut_tracked if s >= start]
+    assert any(whole_tracked[s] for s in whole_tracked if s < start)
+    assert any(g.abs().sum() > 0 for g in cut) and all(torch.isfinite(g).all() for g in cut)
+    assert any(not torch.allclose(a, b) for a, b in zip(whole, cut, strict=True))
+    print(f"live tensor bytes after the forward, whole / truncated to 1 cycle: {whole_forward} / {cut_forward}")
+    assert cut_forward < 0.6 * whole_forward
+    again, _, _ = run(truncation_step(full, phases.num_steps, len(full)))
+    assert all(torch.equal(a, b) for a, b in zip(whole, again, strict=True))
+
+
+# FLUX.1-dev's transformer widths (24 heads of 128, mlp ratio 4, its rope axes), 1 double + 1 single block, in the
+# tiny FLUX pipeline (whose 16x16 images are 64 latent tokens, here with 8 text tokens)
+REAL_WIDTH = dict(
+    patch_size=1,
+    in_channels=4,
+    num_layers=1,
+    num_single_layers=1,
+    attention_head_dim=128,
+    num_attention_heads=24,
+    joint_attention_dim=32,
+    pooled_projection_dim=32,
+    axes_dims_rope=(16, 56, 56),
+)
+
+
+@pytest.fixture(scope="module")
+def real_width_pipe():
+    from diffusers import FluxTransformer2DModel
+
+    from lesa.testing import tiny_flux_pipeline
+
+    pipe = tiny_flux_pipeline()
+    with torch.device("meta"):  # 520 M parameters: scaled normal weights, without the slow default init
+        transformer = FluxTransformer2DModel(**REAL_WIDTH)
+    transformer = transformer.to_empty(device="cpu").eval()
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in transformer.parameters():
+            p.copy_(torch.randn(p.shape, generator=generator) * (p.shape[-1] ** -0.5 if p.dim() > 1 else 0.01))
+    pipe.transformer = transformer
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def real_width_rollout(pipe, steps: int, full_steps: int, checkpoint_calls: bool) -> tuple[int, int]:
+    """Live tensor bytes at the peak of a closed-loop rollout + backward (the calibrated gradient: history_grad, a
+    learned correction), and how many of its full steps run under autograd (those after the first cached step)."""
+    from lesa.predictor import ScheduleFreeConfig, ScheduleFreePredictor
+
+    torch.manual_seed(0)
+    predictor = ScheduleFreePredictor(
+        ScheduleFreeConfig(model_class="FluxTransformer2DModel", tap="trunk", feature_dim=3072, warmup=3)
+    )
+    config = lesa.LESAConfig(
+        predictor=predictor,
+        full_steps=full_steps,
+        differentiable=True,
+        history_grad=True,
+        checkpoint_calls=checkpoint_calls,
+        count_flops=False,
+    )
+    call = inspect.unwrap(type(pipe).__call__)
+    lesa.enable(pipe, config)
+    try:
+        with frozen_pipeline(pipe), torch.enable_grad(), LiveTensorBytes() as memory:
+            out = call(
+                pipe,
+                "a red circle",
+                num_inference_steps=steps,
+                height=16,
+                width=16,
+                output_type="latent",
+                max_sequence_length=8,
+                generator=torch.Generator().manual_seed(0),
+            ).images
+            torch.autograd.grad(out.square().mean(), list(predictor.parameters()), allow_unused=True)
+        full = lesa.summary(pipe)["full_step_indices"]
+    finally:
+        lesa.disable(pipe)
+    first_cached = next(s for s in range(steps) if s not in full)
+    return memory.peak, sum(s > first_cached for s in full)
+
+
+def test_checkpointed_rollout_memory_at_real_width_stops_growing_with_full_steps(real_width_pipe):
+    """At FLUX.1-dev's widths, with the same 6 cached steps and 3 or 9 full steps: with the calls checkpointed
+    (checkpoint_calls) the peak grows per full step under autograd by less than two of the trunk's hidden states
+    (the feature the later forecasts read and its gradient), where checkpointed blocks keep every block's inputs
+    per full step too. Bounded per step by the feature, not by a trunk call: one call's activations are the
+    constant part."""
+    hidden = (64 + 8) * 3072 * 4  # the tapped feature is a view of the joint (text + image) hidden state
+    growth = {}
+    for calls in (True, False):
+        small, small_graph = real_width_rollout(real_width_pipe, 9, 3, calls)
+        large, large_graph = real_width_rollout(real_width_pipe, 15, 9, calls)
+        assert large_graph - small_graph >= 4
+        growth[calls] = (large - small) / (large_graph - small_graph)
+    print(
+        f"peak growth per full step under autograd: calls {growth[True] / 1e6:.2f} MB, blocks "
+        f"{growth[False] / 1e6:.2f} MB; the hidden state {hidden / 1e6:.2f} MB"
+    )
+    assert growth[True] < 2 * hidden
+    assert growth[False] > 1.5 * growth[True]

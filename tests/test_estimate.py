@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -244,3 +245,51 @@ def test_workload_from_recording_settings_and_cli(capsys):
         run(parser.parse_args([]))
     with pytest.raises(ValueError, match="unknown model"):
         run(parser.parse_args(["--model", "no-such-model"]))
+
+
+def test_schedule_free_training_is_sized_at_its_densest_cell():
+    """A schedule-free run (format 2) trains budgets down to its smallest speed-up: its memory is sized there (x2.5
+    of 50 steps: 20 full steps, not interval 7's 10), and when the blocks' checkpoints do not fit one trajectory at
+    a time, the suggestion checkpoints whole calls instead (a full step then keeps a feature, not every block's
+    inputs)."""
+    from lesa.training import TrainConfig
+
+    work = Workload(height=1024, width=1024, recipe="schedule-free", memory_gb=80)
+    e = estimate("flux.1-dev", work)
+    assert e["train"]["densest_speedup"] == 2.5 and e["train"]["schedule"]["full"] == 20
+    calibrated = estimate("flux.1-dev", replace(work, recipe="calibrated"))
+    kept = [x["train"]["phases"][0]["kept_per_trajectory_gb"] for x in (e, calibrated)]
+    assert kept[0] > 1.5 * kept[1]
+    assert "densest cell: x2.5 on 50 steps, 20 full" in format_estimate(e)
+    calls = estimate("flux.1-dev", replace(work, checkpoint_calls=True, micro_batch=1))["train"]["phases"][0]
+    assert calls["kept_per_trajectory_gb"] < 0.1 * kept[0]
+    assert calls["peak_calls_checkpointed_gb"] == calls["peak_gb"]
+    two = estimate("flux.1-dev", replace(work, contexts=2, micro_batch=1))["train"]
+    assert not two["fits"] and two["suggestion"]["checkpoint_calls"] is True
+    assert two["suggestion"]["peak_gb"] <= 80
+    config = TrainConfig.from_recipe("schedule-free", checkpoint_calls=True)
+    assert config.fingerprint() == TrainConfig.from_recipe("schedule-free").fingerprint()  # a memory setting
+
+
+def test_dry_run_prints_its_commands_estimate_and_loads_nothing(tmp_path, capsys, recording):
+    """--dry-run on record / train / generate: that command's estimate from the model's config files, exit 0,
+    nothing written; a model without config files (the embedded one) is refused with what to give instead."""
+    from lesa.cli import main
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\na dog\na bird\n")
+    common = ["--model", "flux.1-dev", "--height", "1024", "--width", "1024", "--dry-run"]
+    assert main(["record", "--prompts", str(prompts), "--out", str(tmp_path / "rec"), "--steps", "28", *common]) == 0
+    out = capsys.readouterr().out
+    assert "record (3 prompts): disk" in out and "train (" not in out and "generate (" not in out
+    gen = ["generate", "--cache", "fora", "--prompt", "x", "--out", str(tmp_path / "x.png"), "--steps", "28"]
+    assert main([*gen, "--speedup", "4", *common]) == 0
+    assert "generate (LESA, 7 of 28 steps full)" in capsys.readouterr().out
+    # the tiny pipeline's recording, sized as if FLUX.1-dev had recorded it
+    train = ["train", "--data", str(recording.dir), "--out", str(tmp_path / "pred"), "--model", "flux.1-dev"]
+    assert main([*train, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "train (--recipe calibrated, interval 7, warm-up 3" in out and "record (" not in out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["prompts.txt"]
+    assert main(["generate", "--prompt", "x", "--out", str(tmp_path / "x.png"), "--dry-run"]) == 2
+    assert "--dry-run estimates from a model's config files" in capsys.readouterr().err

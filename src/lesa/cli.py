@@ -49,6 +49,15 @@ def _pipeline_args(p: argparse.ArgumentParser, model_help: str, offload: bool = 
         )
 
 
+def _dry_run_arg(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help=f"print the estimate ({what}) from the model's config files, load nothing, run nothing, and exit "
+        "(lesa estimate has every option)",
+    )
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="lesa", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -77,6 +86,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     rec.add_argument("--num-frames", type=int, default=None, help="frames of a video pipeline")
     rec.add_argument("--record-dtype", default="bfloat16", help="dtype of the stored features (default bfloat16)")
+    _dry_run_arg(rec, "disk, peak memory, FLOPs and time of this recording")
 
     tr = sub.add_parser(
         "train",
@@ -127,6 +137,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     tr.add_argument("--print-config", action="store_true", help="print the effective settings as JSON and exit")
     tr.add_argument("--restart", action="store_true", help="ignore existing checkpoints in --out")
+    _dry_run_arg(tr, "peak memory of each phase, the settings that fit, FLOPs and GPU-hours of this training run")
 
     gen = sub.add_parser("generate", help="generate an image or a video, accelerated")
     _pipeline_args(gen, model_help)
@@ -162,6 +173,7 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--num-frames", type=int, default=None, help="frames of a video pipeline")
     gen.add_argument("--fps", type=int, default=8, help="frame rate of a written video")
     gen.add_argument("--json", action="store_true", help="print one JSON object with the measurements")
+    _dry_run_arg(gen, "peak memory, FLOPs, time and speed-up of this generation")
     b = sub.add_parser("bench", help="quality against speed-up: LESA and baselines at matched full-step budgets")
     _pipeline_args(b, model_help)
     b.add_argument("--prompts", required=True, help="evaluation prompts (disjoint from every fitting/training prompt)")
@@ -245,6 +257,24 @@ def _record(args) -> int:
         dtype=args.record_dtype,
     )
     prompts = read_prompts(args.prompts)
+    if args.dry_run:
+        from .estimate import Workload, dry_run
+
+        work = Workload(
+            steps=args.steps,
+            height=args.height,
+            width=args.width,
+            num_frames=args.num_frames,
+            guidance_scale=args.guidance_scale,
+            true_cfg_scale=args.true_cfg_scale,
+            negative_prompt=args.negative_prompt,
+            dtype=args.dtype or "bfloat16",
+            record_dtype=args.record_dtype,
+            prompts=len(prompts),
+            cpu_offload=args.cpu_offload,
+        )
+        print(dry_run(args.model, work, "record"))
+        return 0
     dist = init_distributed(args.device)  # under torchrun: join the group; alone: nothing happens
     pipe = load_pipeline(args.model, dist.device, args.dtype, args.cpu_offload)
     result = record(
@@ -312,11 +342,20 @@ def _train(args) -> int:
         if validation is not None:
             # refused before the pipeline loads; the Trainer checks again and gives the notices (once, on rank 0)
             check_validation_recording(rec, validation, notice=lambda _: None)
-    rec, validation = recs[0], None if validations is None else validations[0]
+    # the recording whose rollouts need the most memory: a schedule-free run's of the most steps (its densest cell)
+    first = max(range(len(recs)), key=lambda i: recs[i].settings["steps"])
+    rec, validation = recs[first], None if validations is None else validations[first]
     model = args.model or rec.settings["model"]
+    dtype = args.dtype or "bfloat16"
+    if args.dry_run:
+        from .estimate import dry_run, train_workload
+
+        work = train_workload(rec, config, dtype, validation, recipe=args.recipe)
+        print(dry_run(model, work, "train", config))
+        return 0
     dist = init_distributed(args.device)  # under torchrun: join the group; alone: nothing happens
     # on an accelerator, a configuration whose estimated peak exceeds its memory is refused now, with settings that fit
-    check_train(model, rec, config, dist.device, dtype=args.dtype or "bfloat16", validation=validation)
+    check_train(model, rec, config, dist.device, dtype=dtype, validation=validation)
     pipe = load_pipeline(model, dist.device, args.dtype)
     if args.restart and dist.is_main:  # only rank 0 reads checkpoints
         shutil.rmtree(Path(args.out) / "checkpoints", ignore_errors=True)
@@ -354,6 +393,31 @@ def _ensemble(args) -> int:
     return 0
 
 
+def _dry_run_generate(args, config) -> str:
+    from .estimate import Workload, dry_run
+    from .schedule import full_step_count
+
+    if args.cache == "none":
+        budget = {"full_steps": args.steps}
+    elif config.budgeted:
+        budget = {"full_steps": full_step_count(args.steps, config.speedup, config.full_steps)}
+    else:
+        budget = {"interval": config.interval, "warmup": config.warmup}
+    work = Workload(
+        steps=args.steps,
+        height=args.height,
+        width=args.width,
+        num_frames=args.num_frames,
+        guidance_scale=args.guidance_scale,
+        true_cfg_scale=args.true_cfg_scale,
+        negative_prompt=args.negative_prompt,
+        dtype=args.dtype or "bfloat16",
+        cpu_offload=args.cpu_offload,
+        **budget,
+    )
+    return dry_run(args.model, work, "generate")
+
+
 def _generate(args) -> int:
     from . import FORAConfig, LESAConfig, NoCacheConfig, TaylorSeerConfig, enable, summary
     from .media import check_output_path, save_video
@@ -383,6 +447,9 @@ def _generate(args) -> int:
         config = TaylorSeerConfig(order=args.order, damping=args.damping, **schedule)
     else:
         config = NoCacheConfig()
+    if args.dry_run:
+        print(_dry_run_generate(args, config))
+        return 0
     pipe = load_pipeline(args.model, args.device, args.dtype, args.cpu_offload)
     video = hasattr(pipe, "video_processor")
     check_output_path(args.out, video)

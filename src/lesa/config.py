@@ -223,6 +223,13 @@ class LESAConfig(CacheConfig):
     # (each keeps its inputs and recomputes its activations in backward: the memory of one block's activations
     # instead of all of them, for one more forward of the trunk; the values and gradients are unchanged)
     checkpoint_trunk: bool = True
+    # with differentiable, on those steps: each whole transformer call under gradient checkpointing instead of its
+    # blocks (a full step keeps its inputs, about a latent, not every block's; backward recomputes one call at a time,
+    # holding its activations): what a rollout keeps per full step shrinks to the feature its forecasts read
+    checkpoint_calls: bool = False
+    # with differentiable: the steps before this one run without autograd (truncated back-propagation: the loss's
+    # gradient reaches only the forecasts and corrections from this step on, and no graph is kept for earlier steps)
+    grad_from_step: int = 0
     # the predictor's learned full-step correction, if it has one (False: forecasts only, e.g. for an ablation)
     learned_correction: bool = True
     name = "lesa"

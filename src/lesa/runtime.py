@@ -17,7 +17,7 @@ import contextlib
 import inspect
 import types
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -160,6 +160,9 @@ class CacheRuntime:
         self.trunk_hooks: list[TrunkBlockHook] = []  # filled by `apply_lesa_cache`; their `ran` flags count blocks
         self.observers: list[Observer] = []
         self.differentiable = bool(getattr(config, "differentiable", False))
+        self.grad_from_step = int(getattr(config, "grad_from_step", 0))
+        self.checkpoint_calls = self.differentiable and bool(getattr(config, "checkpoint_calls", False))
+        self.recomputing = False  # a checkpointed call is being recomputed in backward: the hooks keep no books
         self.stats: dict[str, ContextStats] = {}
         self.call_flops: dict[tuple[bool, tuple[int, ...]], int] = {}
         self.warned_contexts: set[str] = set()  # contexts whose `Policy.context_warning` was given (once per runtime)
@@ -349,17 +352,46 @@ class RootHook(ModelHook):
         rt = self.runtime
         try:
             name, state, count_shape = self._begin(module, args, kwargs)
-            # closed-loop training: the forecast carries gradients through the head and into the observers' losses
-            grad = rt.differentiable and not state.full
-            with torch.enable_grad() if grad else contextlib.nullcontext():
+            # closed-loop training: the forecast carries gradients through the head and into the observers' losses;
+            # before `grad_from_step` (truncated back-propagation) the whole call runs without autograd
+            if rt.differentiable and state.current_step < rt.grad_from_step:
+                grad_mode = torch.no_grad()
+            elif rt.differentiable and not state.full:
+                grad_mode = torch.enable_grad()
+            else:
+                grad_mode = contextlib.nullcontext()
+            with grad_mode:
                 if count_shape is not None:
                     output = self._count(state, count_shape, args, kwargs)
+                elif rt.checkpoint_calls and state.full and torch.is_grad_enabled():
+                    output = torch.utils.checkpoint.checkpoint(
+                        self.fn_ref.original_forward,
+                        *args,
+                        use_reentrant=False,
+                        context_fn=self._recompute_contexts,
+                        **kwargs,
+                    )
                 else:
                     output = self.fn_ref.original_forward(*args, **kwargs)
                 return self._end(name, state, output, args, kwargs)
         except BaseException:  # an interrupt included: the next call must not continue a broken generation
             rt.abort()
             raise
+
+    def _recompute_contexts(self) -> tuple[Any, Any]:
+        """A checkpointed call's forward as usual; its recomputation in backward with the runtime's `recomputing`
+        set, so that the block and tap hooks replay the full step's computation without touching any state (the
+        generation may have moved on, or ended)."""
+
+        @contextlib.contextmanager
+        def recomputing() -> Iterator[None]:
+            self.runtime.recomputing = True
+            try:
+                yield
+            finally:
+                self.runtime.recomputing = False
+
+        return contextlib.nullcontext(), recomputing()
 
     @torch.compiler.disable
     def _begin(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[str, ContextState, tuple[int, ...] | None]:
@@ -418,7 +450,9 @@ class TrunkBlockHook(ModelHook):
     to step (a counter incremented here would be a Python int that dynamo guards on, recompiling the model each step).
 
     In differentiable mode with `checkpoint_trunk` (closed-loop training), a full step run under autograd runs each
-    block under gradient checkpointing: autograd keeps the block's inputs and recomputes its activations in backward.
+    block under gradient checkpointing: autograd keeps the block's inputs and recomputes its activations in backward;
+    with `checkpoint_calls` the root hook checkpoints the whole call instead (a checkpoint nested in another keeps its
+    inputs alive: the blocks then run plainly, in the forward and in its recomputation alike).
     """
 
     def __init__(self, runtime: CacheRuntime, block: nn.Module, first: bool = False) -> None:
@@ -432,8 +466,17 @@ class TrunkBlockHook(ModelHook):
     def _arg(self, name: str, args: tuple, kwargs: dict) -> Any:
         return kwargs[name] if name in kwargs else args[self._params.index(name)]
 
+    def _run(self, args: tuple, kwargs: dict) -> Any:
+        if self.checkpoint and torch.is_grad_enabled() and not self.runtime.checkpoint_calls:
+            # only the block's own forward is recomputed in backward: the bookkeeping (and the policy's history,
+            # which the root and tap hooks update outside every block) must run once per call
+            return torch.utils.checkpoint.checkpoint(self.fn_ref.original_forward, *args, use_reentrant=False, **kwargs)
+        return self.fn_ref.original_forward(*args, **kwargs)
+
     def new_forward(self, module: nn.Module, *args, **kwargs):
         rt = self.runtime
+        if rt.recomputing:  # a checkpointed full step's call, replayed in backward
+            return self._run(args, kwargs)
         state: ContextState = rt.state_manager.get_state()
         if self.first and rt.config.residual:
             state.trunk_input = self._arg("hidden_states", args, kwargs)
@@ -445,13 +488,7 @@ class TrunkBlockHook(ModelHook):
             state.full = state.policy.decide(modulated, hidden, state.current_step)
         if state.full:
             self.ran = True
-            if self.checkpoint and torch.is_grad_enabled():
-                # only the block's own forward is recomputed in backward: the bookkeeping above (and the policy's
-                # history, which the root and tap hooks update outside every block) must run once per call
-                return torch.utils.checkpoint.checkpoint(
-                    self.fn_ref.original_forward, *args, use_reentrant=False, **kwargs
-                )
-            return self.fn_ref.original_forward(*args, **kwargs)
+            return self._run(args, kwargs)
         returns = rt.adapter.block_returns
         if len(returns) == 1:
             return self._arg(returns[0], args, kwargs)
@@ -470,6 +507,8 @@ class TapHook(ModelHook):
     # step, and a traced exchange would be guarded on them and recompiled each step (one graph break instead)
     @torch.compiler.disable
     def _exchange(self, feature: torch.Tensor) -> torch.Tensor:
+        if self.runtime.recomputing:  # a full step replayed in backward: its feature, already observed
+            return feature
         state: ContextState = self.runtime.state_manager.get_state()
         base = self._trunk_input(state, feature) if self.runtime.config.residual else None
         if state.full:

@@ -44,12 +44,14 @@ __all__ = [
     "add_arguments",
     "check_fits",
     "check_train",
+    "dry_run",
     "device_memory_gb",
     "estimate",
     "format_estimate",
     "format_table",
     "load_spec",
     "run",
+    "train_workload",
     "workload_from_settings",
 ]
 
@@ -114,22 +116,10 @@ def check_fits(model: str | ModelSpec, work: Workload, memory_gb: float | None =
     raise ValueError(message + " (`lesa estimate` prints the details; estimates leave ~1-3 GB of CUDA context out)")
 
 
-def check_train(
-    model: str, recording, config, device: str | None, dtype: str = "bfloat16", validation=None
-) -> dict[str, Any] | None:
-    """`lesa train`'s up-front check: on a CUDA device, the estimate of training `config` on `recording` (a
-    `Recording`: its settings, contexts and trajectories; `validation`: the --val-data recording) with `model`'s
-    config files; a ValueError naming the estimate and the settings that fit when it exceeds the device's memory.
-    None (nothing checked) on the CPU, or when `model` has no config files to read (a tiny test pipeline, the
-    embedded model)."""
-    memory = device_memory_gb(device)
-    if memory is None:
-        return None
-    try:
-        spec = load_spec(model)
-    except (ValueError, OSError):
-        return None
-    work = workload_from_settings(
+def train_workload(recording, config, dtype: str = "bfloat16", validation=None, recipe: str | None = None) -> Workload:
+    """The Workload of training `config` (named `recipe`) on `recording` (a `Recording`: its settings, contexts and
+    trajectories; `validation`: the --val-data recording)."""
+    return workload_from_settings(
         recording.settings,
         contexts=len(recording.contexts),
         prompts=len(recording),
@@ -137,14 +127,50 @@ def check_train(
         interval=config.interval,
         warmup=config.warmup,
         dtype=dtype,
+        recipe=recipe,
     )
-    return check_fits(spec, work, memory, config=config)
+
+
+def check_train(
+    model: str, recording, config, device: str | None, dtype: str = "bfloat16", validation=None
+) -> dict[str, Any] | None:
+    """`lesa train`'s up-front check: on a CUDA device, the estimate of training `config` on `recording` (for a
+    schedule-free run, the recording of the most steps: its densest cell) with `model`'s config files; a
+    ValueError naming the estimate and the settings that fit when it exceeds the device's memory. None (nothing
+    checked) on the CPU, or when `model` has no config files to read (a tiny test pipeline, the embedded model)."""
+    memory = device_memory_gb(device)
+    if memory is None:
+        return None
+    try:
+        spec = load_spec(model)
+    except (ValueError, OSError):
+        return None
+    return check_fits(spec, train_workload(recording, config, dtype, validation), memory, config=config)
+
+
+def dry_run(model: str | None, work: Workload, part: str, config=None) -> str:
+    """`--dry-run` of lesa record / train / generate: the estimate of that command's `part` from `model`'s config
+    files (nothing loaded, nothing run); a ValueError for a model without them."""
+    try:
+        spec = load_spec(model) if model else None
+    except (ValueError, OSError) as e:
+        spec, reason = None, str(e)
+    else:
+        reason = "the embedded model and the tiny pipelines have no diffusers config files"
+    if spec is None:
+        raise ValueError(
+            f"--dry-run estimates from a model's config files, which {model or 'the default model'} lacks ({reason}): "
+            "give --model a pipeline directory, a hub id or a shipped config (lesa estimate --help)"
+        )
+    return format_estimate(estimate(spec, work, config), parts=(part,))
 
 
 def _fit_options(fit: dict[str, Any]) -> str:
     options = f"--batch-size {fit['batch_size']}"
     if fit.get("micro_batch"):
         options += f" --micro-batch {fit['micro_batch']}"  # the trunk checkpointed: the default
+    if fit.get("checkpoint_calls"):
+        options += " --set checkpoint_calls=true"
     return options
 
 
@@ -152,8 +178,9 @@ def _h(hours: float) -> str:
     return f"{hours:,.1f} h" if hours >= 1 else f"{hours * 60:,.1f} min"
 
 
-def format_estimate(e: dict[str, Any]) -> str:
-    """The estimate as text (every figure estimated)."""
+def format_estimate(e: dict[str, Any], parts: tuple[str, ...] = ("record", "train", "generate")) -> str:
+    """The estimate as text (every figure estimated): the model and call, then `parts` of record / train /
+    generate (`--dry-run` prints its command's part only)."""
     w = e["workload"]
     g = e["geometry"]
     size = f"{w['height'] or '?'}x{w['width'] or '?'}" + (f"x{w['num_frames']}" if w.get("num_frames") else "")
@@ -173,9 +200,28 @@ def format_estimate(e: dict[str, Any]) -> str:
         f"{' (--cpu-offload)' if w['cpu_offload'] else ''}; {e['record']['tflop_per_prompt']:,.0f} TFLOP per prompt, "
         f"{_h(e['record']['hours'])} in all",
     ]
+    if "record" not in parts:
+        lines.pop()
+    if "train" in parts:
+        lines += _train_lines(e)
+    if "generate" in parts:
+        lines.append(_generate_line(e))
+    lines += ["", "left out: " + "; ".join(e["ignored"])]
+    return "\n".join(lines)
+
+
+def _train_lines(e: dict[str, Any]) -> list[str]:
+    w, lines = e["workload"], []
     t = e["train"]
+    if t.get("densest_speedup"):
+        schedule = (
+            f"schedule-free, at its densest cell: x{t['densest_speedup']:g} on {w['steps']} steps, "
+            f"{t['schedule']['full']} full"
+        )
+    else:
+        schedule = f"interval {w['interval']}, warm-up {w['warmup']}"
     lines.append(
-        f"train (--recipe {t['recipe']}, interval {w['interval']}, warm-up {w['warmup']}; {t['train_trajectories']} "
+        f"train (--recipe {t['recipe']}, {schedule}; {t['train_trajectories']} "
         f"training / {t['val_trajectories']} validation trajectories, {t['variants']} variant(s)): peak "
         f"{t['peak_gb']:.1f} GB{'' if t['fits'] else ' -- DOES NOT FIT'}; {t['tflop'] / 1e3:,.1f} PFLOP, "
         f"{t['gpu_hours']:,.1f} GPU-hours"
@@ -185,7 +231,8 @@ def format_estimate(e: dict[str, Any]) -> str:
         if p.get("loss") == "final":
             detail += (
                 f" (loss final, batch {p['batch']}, micro-batch {p['micro_batch']}): {p['peak_gb']:.1f} GB; "
-                f"checkpointed trunk {p['peak_checkpointed_gb']:.1f} GB, not checkpointed "
+                f"blocks checkpointed {p['peak_checkpointed_gb']:.1f} GB, calls checkpointed "
+                f"{p['peak_calls_checkpointed_gb']:.1f} GB, not checkpointed "
                 f"{p['peak_not_checkpointed_gb']:.1f} GB; kept per trajectory {p['kept_per_trajectory_gb']:.1f} GB"
             )
         else:
@@ -197,14 +244,16 @@ def format_estimate(e: dict[str, Any]) -> str:
         lines.append(f"  fits with {_fit_options(s)}: {s['peak_gb']:.1f} GB")
     elif not t["fits"]:
         lines.append("  no micro-batch fits this device")
-    gen = e["generate"]
+    return lines
+
+
+def _generate_line(e: dict[str, Any]) -> str:
+    gen, steps = e["generate"], e["workload"]["steps"]
     vae = f"; VAE decode {gen['vae_decode_gb']:.1f} GB" if gen["vae_decode_gb"] is not None else ""
-    lines.append(
-        f"generate (LESA, {gen['full_steps']} of {w['steps']} steps full): peak {gen['peak_gb']:.1f} GB{vae}; "
+    return (
+        f"generate (LESA, {gen['full_steps']} of {steps} steps full): peak {gen['peak_gb']:.1f} GB{vae}; "
         f"{gen['tflop']:,.0f} TFLOP, {gen['seconds']:.1f} s; FLOPs speed-up {gen['flops_speedup']:.2f}x"
     )
-    lines += ["", "left out: " + "; ".join(e["ignored"])]
-    return "\n".join(lines)
 
 
 def table_estimates(**overrides: Any) -> dict[str, dict[str, Any]]:
@@ -303,6 +352,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--micro-batch", type=int, default=None)
     parser.add_argument("--checkpoint-trunk", action=argparse.BooleanOptionalAction, default=None)
+    parser.add_argument(
+        "--checkpoint-calls",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="checkpoint each full step's whole transformer call instead of its blocks (lesa train --set "
+        "checkpoint_calls=true)",
+    )
     parser.add_argument("--cpu-offload", action="store_true", help="record / generate with model CPU offload")
     parser.add_argument(
         "--tflops",
@@ -346,6 +402,7 @@ def workload_from_args(args: argparse.Namespace) -> Workload:
         batch_size=args.batch_size,
         micro_batch=args.micro_batch,
         checkpoint_trunk=args.checkpoint_trunk,
+        checkpoint_calls=args.checkpoint_calls,
         cpu_offload=args.cpu_offload,
         tflops=args.tflops,
         memory_gb=args.memory_gb,

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from ..schedule import StepSchedule
+from ..schedule import StepSchedule, full_step_count, uniform_budget
 from . import rules as R
 from .measure import TRUNK_KINDS, Geometry
 from .spec import ModelSpec, load_spec
@@ -95,6 +95,8 @@ class Workload:
     batch_size: int | None = None
     micro_batch: int | None = None
     checkpoint_trunk: bool | None = None
+    checkpoint_calls: bool | None = None
+    full_steps: int | None = None  # generate: a budget of full steps (evenly placed) instead of the interval rule
     train_overrides: dict[str, Any] = field(default_factory=dict)
     cpu_offload: bool = False
     tflops: float = DEFAULT_TFLOPS
@@ -109,7 +111,7 @@ def train_config(work: Workload):
         from ..train import TrainConfig  # type: ignore[no-redef]
     overrides = dict(work.train_overrides)
     overrides.update(interval=work.interval, warmup=work.warmup)
-    for name in ("batch_size", "micro_batch", "checkpoint_trunk"):
+    for name in ("batch_size", "micro_batch", "checkpoint_trunk", "checkpoint_calls"):
         if getattr(work, name) is not None:
             overrides[name] = getattr(work, name)
     if work.val_prompts and "val_fraction" not in overrides:
@@ -330,8 +332,11 @@ def estimate(model: str | ModelSpec, work: Workload | None = None, config=None) 
     )
     record_peak = offload_peak if work.cpu_offload else weights_total + one["peak_inference"]
 
-    # generate with LESA at interval N
-    sched = StepSchedule(work.interval, work.warmup)
+    # generate with LESA at interval N, or at a budget of full steps
+    if work.full_steps is not None:
+        sched = uniform_budget(steps, full_step_count(steps, full_steps=work.full_steps), work.warmup)
+    else:
+        sched = StepSchedule(work.interval, work.warmup)
     n_full = len(sched.full_steps(steps))
     n_cached = steps - n_full
     cfg = config if config is not None else train_config(work)
@@ -406,8 +411,17 @@ def _pipeline(spec: ModelSpec) -> str:
     return spec.pipeline if spec.pipeline in PIPELINES else TRANSFORMER_PIPELINES[spec.transformer_class]
 
 
+def training_schedule(cfg, steps: int) -> StepSchedule:
+    """The schedule whose rollouts set a training run's memory: a format-1 predictor's own; for a schedule-free one
+    (format 2) its densest cell at `steps` (the smallest speed-up it trains, evenly placed): an upper bound, as
+    its sigma placements keep as many full steps."""
+    if getattr(cfg, "format", 1) == 2:
+        return uniform_budget(steps, full_step_count(steps, min(cfg.speedups)), cfg.warmup)
+    return StepSchedule(cfg.interval, cfg.warmup)
+
+
 def _schedule_counts(cfg, steps: int) -> dict[str, int]:
-    sched = StepSchedule(cfg.interval, cfg.warmup)
+    sched = training_schedule(cfg, steps)
     full = sched.full_steps(steps)
     cached = sched.cached_steps(steps)
     first = min(cached) if cached else steps
@@ -440,15 +454,24 @@ def train_estimate(spec, shape, work: Workload, cfg, weights_total: float, text_
     def call(batch_: int) -> dict[str, float]:
         return one if batch_ == 1 else transformer_call(spec, shape, batch_, dtype)
 
-    def final_loss(micro_: int, checkpoint: bool) -> dict[str, float]:
-        """Loss "final": what a rollout of `micro_` trajectories keeps for backward, and the peak of its backward."""
+    def final_loss(micro_: int, checkpoint: str) -> dict[str, float]:
+        """Loss "final": what a rollout of `micro_` trajectories keeps for backward, and the peak of its backward,
+        with `checkpoint` "none", "blocks" (checkpoint_trunk) or "calls" (checkpoint_calls)."""
         c = call(micro_)
-        per_full = c["kept_checkpoint"] if checkpoint else c["retained"]
+        if checkpoint == "calls":
+            # a full step keeps its inputs and the feature later forecasts read (a latent-sized input and one
+            # hidden state); backward recomputes one call at a time, with everything it keeps
+            per_full = micro_ * feat * b
+            transient = c["retained"] + c["transient_train"]
+        elif checkpoint == "blocks":
+            per_full, transient = c["kept_checkpoint"], c["transient_checkpoint"]
+        else:
+            per_full, transient = c["retained"], c["transient_train"]
         # a cached step keeps the forecast, the head's saved tensors and the predictor's own graph (once per call)
         per_cached = c["cached_retained"] + predictor_graph_bytes(cfg)
         kept = ctx * (counts["graph_full"] * per_full + counts["graph_cached"] * per_cached)
         # backward: one call's transient, and the predictor's graph's own (about its size again)
-        transient = (c["transient_checkpoint"] if checkpoint else c["transient_train"]) + predictor_graph_bytes(cfg)
+        transient += predictor_graph_bytes(cfg)
         return {"kept": kept, "peak": weights_total + predictor + kept + transient}
 
     validation_peak = weights_total + predictor + call(batch)["peak_inference"] + ctx * history * batch * feat * b
@@ -459,10 +482,11 @@ def train_estimate(spec, shape, work: Workload, cfg, weights_total: float, text_
     flops = 0.0
     val_passes = 0
     variants = 1
-    if cfg.schedule != "uniform":
+    schedule_free = getattr(cfg, "format", 1) == 2
+    if cfg.schedule != "uniform" and not schedule_free:
         variants *= 2  # the uniform placement and a planned one
         val_passes += 2  # damped TaylorSeer O1 scored on each placement
-    if cfg.correction == "auto":
+    if cfg.correction == "auto" and not schedule_free:
         variants *= 2  # with and without the learned correction
     seeds = cfg.seeds
     if cfg.gain_init == "best":
@@ -482,19 +506,22 @@ def train_estimate(spec, shape, work: Workload, cfg, weights_total: float, text_
             backward = ctx * (
                 counts["graph_full"] * one["backward_flops"] + counts["graph_cached"] * one["cached_backward_flops"]
             )
-            recompute = ctx * counts["graph_full"] * one["forward_flops"] if cfg.checkpoint_trunk else 0.0
+            mode = "calls" if cfg.checkpoint_calls else "blocks" if cfg.checkpoint_trunk else "none"
+            recompute = ctx * counts["graph_full"] * one["forward_flops"] if mode != "none" else 0.0
             per_traj = rollout + backward + recompute
-            with_ckpt = final_loss(micro, True)["peak"]
-            without = final_loss(micro, False)["peak"]
-            peak = max(with_ckpt if cfg.checkpoint_trunk else without, validation_peak)
+            with_ckpt = final_loss(micro, "blocks")["peak"]
+            with_calls = final_loss(micro, "calls")["peak"]
+            without = final_loss(micro, "none")["peak"]
+            peak = max({"calls": with_calls, "blocks": with_ckpt, "none": without}[mode], validation_peak)
             phases.append(
                 dict(
                     phase="clar",
                     loss="final",
                     peak_gb=_gb(peak),
                     peak_checkpointed_gb=_gb(max(with_ckpt, validation_peak)),
+                    peak_calls_checkpointed_gb=_gb(max(with_calls, validation_peak)),
                     peak_not_checkpointed_gb=_gb(max(without, validation_peak)),
-                    kept_per_trajectory_gb=_gb(final_loss(1, cfg.checkpoint_trunk)["kept"]),
+                    kept_per_trajectory_gb=_gb(final_loss(1, mode)["kept"]),
                     batch=batch,
                     micro_batch=micro,
                     epochs=epochs,
@@ -521,6 +548,8 @@ def train_estimate(spec, shape, work: Workload, cfg, weights_total: float, text_
         "gpu_hours": flops / (work.tflops * 1e12) / 3600,
         "fits": peak <= work.memory_gb,
         "schedule": counts,
+        # a schedule-free run: every figure at its densest cell (`training_schedule`), on one recording
+        "densest_speedup": min(cfg.speedups) if schedule_free else None,
     }
     if not out["fits"]:
         out["suggestion"] = fitting_settings(spec, shape, work, cfg, weights_total, text_flops, one)
@@ -529,22 +558,24 @@ def train_estimate(spec, shape, work: Workload, cfg, weights_total: float, text_
 
 def fitting_settings(spec, shape, work: Workload, cfg, weights_total, text_flops, one) -> dict[str, Any] | None:
     """The settings closest to `cfg` whose estimate fits `work.memory_gb`: the same batch with the largest
-    micro-batch that fits (loss "final", checkpointed trunk), else a smaller batch; None when nothing does."""
+    micro-batch that fits (loss "final", the trunk's blocks checkpointed, else its calls), else a smaller batch; None
+    when nothing does."""
     final = cfg.loss == "final"
     for batch in range(cfg.batch_size, 0, -1):
         micros = range(min(cfg.micro_batch or batch, batch), 0, -1) if final else [None]
         for micro in micros:
-            trial = replace(cfg, batch_size=batch, micro_batch=micro)
-            if final:
-                trial = replace(trial, checkpoint_trunk=True)
-            peak = train_estimate(
-                spec, shape, replace(work, memory_gb=math.inf), trial, weights_total, text_flops, one
-            )["peak_gb"]
-            if peak <= work.memory_gb:
-                out = {"batch_size": batch, "micro_batch": micro, "peak_gb": peak}
+            for calls in (False, True) if final else (False,):
+                trial = replace(cfg, batch_size=batch, micro_batch=micro)
                 if final:
-                    out["checkpoint_trunk"] = True
-                return out
+                    trial = replace(trial, checkpoint_trunk=True, checkpoint_calls=calls)
+                peak = train_estimate(
+                    spec, shape, replace(work, memory_gb=math.inf), trial, weights_total, text_flops, one
+                )["peak_gb"]
+                if peak <= work.memory_gb:
+                    out = {"batch_size": batch, "micro_batch": micro, "peak_gb": peak}
+                    if final:
+                        out.update(checkpoint_trunk=True, checkpoint_calls=calls)
+                    return out
     return None
 
 

@@ -86,10 +86,9 @@ class LESAPolicy(LearnedPolicy):
             if self.remember_forecasts:
                 self._push(out)
             return out
-        dtype = self.history[-1].dtype
-        with torch.enable_grad():
-            out = self.predictor.forecast([h.float() for h in self.history], self.context, step, self.sigmas)
-            out = out.to(dtype)
+        # under autograd where the runtime enables it (cached steps of closed-loop training, truncation aside)
+        out = self.predictor.forecast([h.float() for h in self.history], self.context, step, self.sigmas)
+        out = out.to(self.history[-1].dtype)
         if self.remember_forecasts:
             self._push(out if self.history_grad else out.detach())
         return out
@@ -125,10 +124,8 @@ class ScheduleFreePolicy(LearnedPolicy):
         if not self.differentiable:
             coeffs = self.predictor.coefficient_list(self.context, sigma, self.past)
             return ScheduleFreePredictor.apply_coefficients(self.history, coeffs)
-        dtype = self.history[-1].dtype
-        with torch.enable_grad():
-            out = self.predictor.forecast([h.float() for h in self.history], self.context, sigma, self.past)
-        return out.to(dtype)
+        out = self.predictor.forecast([h.float() for h in self.history], self.context, sigma, self.past)
+        return out.to(self.history[-1].dtype)
 
     def forecast_flops(self, numel: int) -> int:
         return forecast_flops(self.predictor.config.window, numel)

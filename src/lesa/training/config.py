@@ -100,6 +100,13 @@ class TrainConfig:
         "loss final: also the log MSE of the latent closing each of the first N cache cycles (more weight on the "
         "early cycles, where a forecast error decides which image the sampler settles on)",
     )
+    truncate_cycles: int | None = setting(
+        None,
+        "loss",
+        "loss final: back-propagate through the last N cache cycles only (truncated back-propagation through time: "
+        "the steps before them run without autograd, so a rollout keeps the graph of N cycles, not of all); None: "
+        "through the whole sampler",
+    )
     target: str = setting("feature", "loss", "what the step/cycle losses compare: the tapped feature or the output")
     history_grad: bool = setting(
         False, "loss", "closed loop: back-propagate through the features in the predictor's history too"
@@ -109,6 +116,13 @@ class TrainConfig:
         "loss",
         "loss final: gradient checkpointing of the trunk blocks on the full steps the loss back-propagates through "
         "(each block keeps its inputs instead of its activations, for one more forward of it; same gradients)",
+    )
+    checkpoint_calls: bool = setting(
+        False,
+        "loss",
+        "loss final: checkpoint each full step's whole transformer call instead of its blocks: a rollout keeps per "
+        "full step its inputs and the feature its forecasts read, not every block's inputs, and backward holds one "
+        "call's activations at a time (fewer kept bytes when a rollout has many full steps; same gradients)",
     )
     # -- predictor architecture
     format: int = setting(
@@ -201,6 +215,10 @@ class TrainConfig:
             raise ValueError(f"correction must be true, false or 'auto', got {self.correction!r}")
         if self.correction and self.loss != "final":
             raise ValueError(f"a learned correction trains on the final latent: needs loss 'final', got {self.loss!r}")
+        if self.truncate_cycles is not None and (self.truncate_cycles < 1 or self.loss != "final"):
+            raise ValueError(
+                f"truncate_cycles must be >= 1 and needs loss 'final', got {self.truncate_cycles} / {self.loss!r}"
+            )
         if self.micro_batch is not None and self.loss != "final":  # the other losses update inside the rollout
             raise ValueError(f"micro_batch splits the rollouts of loss 'final', got loss {self.loss!r}")
 
@@ -212,9 +230,9 @@ class TrainConfig:
     def fingerprint(self) -> dict[str, Any]:
         """What a checkpoint must share with the run that resumes it."""
         data = asdict(self)
-        # seeds: each has its own checkpoint; micro_batch, checkpoint_trunk: how the work is laid out, not what is
+        # seeds: each has its own checkpoint; micro_batch, checkpoint_*: how the work is laid out, not what is
         # trained (as the number of ranks), so a run that ran out of memory resumes with a smaller micro-batch
-        for name in ("seeds", "micro_batch", "checkpoint_trunk"):
+        for name in ("seeds", "micro_batch", "checkpoint_trunk", "checkpoint_calls"):
             data.pop(name)
         return json.loads(json.dumps(data))
 

@@ -266,14 +266,18 @@ class Phases:
                 w = step_sizes[event.step]
                 pending[event.context] = (error + w * (pred.float() - target), weight + w)
 
+        final = cfg.loss == "final"  # one loss on the rollout's result: no per-step observer, no targets
         config = LESAConfig(
             predictor=predictor,
             differentiable=True,
             history_grad=cfg.history_grad,
             checkpoint_trunk=cfg.checkpoint_trunk,
+            checkpoint_calls=cfg.checkpoint_calls,
+            grad_from_step=truncation_step(
+                self.schedule.full_steps(self.num_steps), self.num_steps, cfg.truncate_cycles if final else None
+            ),
             count_flops=False,
         )
-        final = cfg.loss == "final"  # one loss on the rollout's result: no per-step observer, no targets
         updates = self.updates_per_rollout("clar")
         with frozen_pipeline(self.pipe):
             enable(self.pipe, config)
@@ -322,6 +326,17 @@ class Phases:
         return closed_loop_loss(self.scorer, batch, data, self.cycle_ends()[: self.config.loss_cycles])
 
 
+def truncation_step(full_steps: list[int], num_steps: int, cycles: int | None) -> int:
+    """The step from which a rollout back-propagates with truncation to the last `cycles` cache cycles (runs of
+    cached steps, each opened by a full step): the full step opening the first of them; 0 (the whole sampler) with
+    None or when the schedule has no more cycles than that."""
+    if cycles is None:
+        return 0
+    full = set(full_steps)
+    starts = [s for s in sorted(full) if s + 1 < num_steps and s + 1 not in full]
+    return starts[-cycles] if cycles < len(starts) else 0
+
+
 def closed_loop_loss(
     scorer: Scorer, batch: list[int], data: list[dict[str, torch.Tensor]], cycle_ends: list[int]
 ) -> torch.Tensor:
@@ -335,5 +350,8 @@ def closed_loop_loss(
     with scorer.latents_at(cycle_ends, len(batch)) as latents:
         loss = log_mse(scorer.run(batch, data, grad=True), torch.stack([d["final"] for d in data]))
     for step in cycle_ends:
-        loss = loss + log_mse(latents[step], torch.stack([d["latents"][step] for d in data]))
+        # a latent no forecast reached yet (a cycle with no cached step, or one before a truncation) is a constant:
+        # left out, as its log error can be -inf (the sampler reproducing the recording exactly at batch size 1)
+        if latents[step].requires_grad:
+            loss = loss + log_mse(latents[step], torch.stack([d["latents"][step] for d in data]))
     return loss

@@ -37,7 +37,7 @@ from ..trajectories import stderr_notice
 from .checkpoints import check_replicas, cpu_state
 from .config import TrainConfig
 from .data import TrainingData, minibatches
-from .phases import apply_update, closed_loop_loss, frozen_pipeline, param_groups
+from .phases import apply_update, closed_loop_loss, frozen_pipeline, param_groups, truncation_step
 from .start import Fits
 from .validation import Scorer
 
@@ -290,13 +290,16 @@ class ScheduleFreeTrainer:
             for cell, power, batch in tqdm(self.epoch_plan(epoch_seed), desc=desc, disable=not self.progress):
                 schedule = self.placement(cell, power)
                 scorer, rec = self.scorers[cell.source], self.data[cell.source].rec
-                ends = [s for s in schedule.full_steps(cell.num_steps) if s > schedule.warmup][: cfg.loss_cycles]
+                full = schedule.full_steps(cell.num_steps)
+                ends = [s for s in full if s > schedule.warmup][: cfg.loss_cycles]
                 config = self.run_config(
                     predictor,
                     schedule,
                     differentiable=True,
                     history_grad=cfg.history_grad,
                     checkpoint_trunk=cfg.checkpoint_trunk,
+                    checkpoint_calls=cfg.checkpoint_calls,
+                    grad_from_step=truncation_step(full, cell.num_steps, cfg.truncate_cycles),
                 )
                 share = scorer.share(batch)
                 enable(self.pipe, config)
