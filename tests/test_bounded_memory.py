@@ -15,7 +15,7 @@ import lesa
 from lesa.cli import _parser, _train_config
 from lesa.runtime import get_runtime
 from lesa.training import TrainConfig, Trainer
-from lesa.training.phases import frozen_pipeline, truncation_step
+from lesa.training.phases import closed_loop_loss, frozen_pipeline, truncation_step
 
 # the calibrated recipe's gradient at test size: the exact gradient, an early-cycle term and a learned correction
 CALIBRATED = dict(QUICK_CALIBRATED, history_grad=True, loss_cycles=1, correction=True)
@@ -333,3 +333,24 @@ def test_checkpointed_rollout_memory_at_real_width_stops_growing_with_full_steps
     )
     assert growth[True] < 2 * hidden
     assert growth[False] > 1.5 * growth[True]
+
+
+def test_a_cycle_end_no_forecast_reached_is_left_out_of_the_loss(pipe, recording, tmp_path):
+    """One trajectory rolled out alone reproduces its recording exactly until the first forecast: the log error of
+    a latent entering a step before it would be -inf, and the non-finite loss would skip the whole update (as every
+    --micro-batch 1 update of a schedule with a full step right after the warm-up did). Such a latent is a constant
+    and is left out."""
+    trainer = Trainer(recording, pipe, tmp_path / "p", TrainConfig(**CALIBRATED), **QUIET)
+    phases = trainer.phases()
+    predictor = phases.new_predictor(0)
+    batch = trainer.train_idx[:1]
+    data = [trainer.data.load(i) for i in batch]
+    config = lesa.LESAConfig(predictor=predictor, differentiable=True, history_grad=True, count_flops=False)
+    lesa.enable(pipe, config)
+    try:
+        with frozen_pipeline(pipe):
+            alone = closed_loop_loss(trainer.scorer, batch, data, [])
+            early = closed_loop_loss(trainer.scorer, batch, data, [1])  # entering step 1: warm-up only
+    finally:
+        lesa.disable(pipe)
+    assert torch.isfinite(early) and early.item() == alone.item()
