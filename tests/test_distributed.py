@@ -262,3 +262,27 @@ def test_two_ranks_resume_a_checkpoint_cut_in_one_process(two_rank_run, one_proc
     diff = max_abs_diff(one_process_run[0], lesa.LESAPredictor.from_pretrained(tmp_path / "cut"))
     print(f"resumed on 2 ranks vs 1-process max abs weight difference {diff:.2e}")
     assert diff < TOLERANCE
+
+
+def test_two_ranks_train_a_schedule_free_predictor_like_one_process(two_rank_run, pipe):
+    """The schedule-free trainer under torchrun: each rank rolls out its share of every minibatch (cells and
+    placement powers drawn alike on every rank), gradients summed before each update, the replicas checked after
+    every epoch; the result equals one process's up to float summation order."""
+    from lesa.training import ScheduleFreeTrainer
+
+    work = two_rank_run["dir"]
+    settings = dict(epochs_clar=1, batch_size=3, val_fraction=0.25, min_full_steps=3, speedups=(2.5, 3.0))
+    flags = [f"--set={k}={','.join(map(str, v)) if isinstance(v, tuple) else v}" for k, v in settings.items()]
+    trained = torchrun(["train", "--recipe", "schedule-free", "--data", "rec", "--out", "pred-sf", *flags], work)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    log = json.loads((work / "pred-sf" / "training_log.json").read_text())
+    assert log["world_size"] == 2 and log["format"] == 2
+    config = TrainConfig.from_recipe("schedule-free", **settings)
+    ScheduleFreeTrainer([Recording(work / "rec")], pipe, work / "pred-sf1", config, **QUIET).run()
+    two, one = (lesa.load_predictor(work / name) for name in ("pred-sf", "pred-sf1"))
+    diff = max_abs_diff(one, two)
+    print(f"schedule-free, 2-rank vs 1-process max abs weight difference {diff:.2e}")
+    assert diff < TOLERANCE
+    log1 = json.loads((work / "pred-sf1" / "training_log.json").read_text())
+    a, b = log["seeds"]["0"]["log"], log1["seeds"]["0"]["log"]
+    assert [e["mean_psnr"] for e in a] == pytest.approx([e["mean_psnr"] for e in b], abs=1e-3)
