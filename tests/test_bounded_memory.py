@@ -175,9 +175,40 @@ def test_train_cli_sets_the_memory_options():
     default = config()
     assert (default.micro_batch, default.checkpoint_trunk) == (None, True)
     assert config("--micro-batch", "2").micro_batch == 2
+    assert _parser().parse_args(["train", "--data", "d", "--out", "o", "--cpu-offload"]).cpu_offload
     assert config("--set", "checkpoint_trunk=false").checkpoint_trunk is False
     with pytest.raises(ValueError, match="micro_batch splits"):
         config("--recipe", "paper", "--micro-batch", "2")
+
+
+def test_offloaded_encoders_visit_the_device_for_their_own_calls_only(pipe, recording, tmp_path):
+    """lesa train --cpu-offload: every model but the transformer stays on the CPU, moved to the device for each of
+    its forward calls and back after it; the pipeline computes on the hooks' device; a closed-loop epoch trains the
+    same predictor as with everything on the device. (On the CPU a move is a no-op, so the moves are counted.)"""
+    from lesa.pipelines import offload_encoders_to_cpu
+    from lesa.testing import tiny_flux_pipeline
+
+    offloaded = tiny_flux_pipeline()
+    offloaded.set_progress_bar_config(disable=True)
+    offload_encoders_to_cpu(offloaded, "cpu")
+    assert offloaded._execution_device == torch.device("cpu")
+    moves: dict[str, list[str]] = {}
+    for name in ("text_encoder", "text_encoder_2", "vae", "transformer"):
+        module = getattr(offloaded, name)
+        move = module.to
+
+        def spy(*args, _name=name, _move=move, **kwargs):
+            moves.setdefault(_name, []).append(str(args[0]))
+            return _move(*args, **kwargs)
+
+        module.to = spy
+    _, predictor, loss = one_epoch(offloaded, recording, tmp_path / "offloaded")
+    _, reference, reference_loss = one_epoch(pipe, recording, tmp_path / "resident")
+    assert loss == reference_loss
+    assert all(torch.equal(a, b) for a, b in zip(predictor.parameters(), reference.parameters(), strict=True))
+    for name in ("text_encoder", "text_encoder_2"):  # one visit per forward call: to the device, then back
+        assert len(moves[name]) >= 2 and moves[name] == ["cpu", "cpu"] * (len(moves[name]) // 2)
+    assert "transformer" not in moves and "vae" not in moves  # the rollout decodes nothing
 
 
 def test_truncation_step():

@@ -203,6 +203,24 @@ def test_calibrated_flux_fits_80gb_with_a_micro_batch_and_train_refuses_without(
     assert clar["peak_checkpointed_gb"] < clar["peak_not_checkpointed_gb"]
 
 
+@pytest.mark.parametrize("name", ["qwen-image", "hunyuanvideo"])
+def test_encoders_off_the_device_let_the_large_models_train_on_80gb(name):
+    """With lesa train --cpu-offload only the transformer's weights stay on the device through a rollout (each other
+    model visits it alone, before the rollout's graph exists): the peak drops by the other models' weights, and
+    Qwen-Image and HunyuanVideo at the README's settings, which no micro-batch fits with their encoders on the
+    device, fit 80 GB at micro-batch 1; the refusal names --cpu-offload."""
+    from lesa.estimate import README_SETTINGS
+
+    work = Workload(**README_SETTINGS[name], micro_batch=1, memory_gb=80)
+    on, off = estimate(name, work), estimate(name, replace(work, cpu_offload=True))
+    others = sum(gb for part, gb in on["weights_gb"].items() if part != "transformer")
+    assert on["train"]["peak_gb"] - off["train"]["peak_gb"] == pytest.approx(others, rel=1e-9)
+    assert not on["train"]["fits"] and off["train"]["fits"]
+    assert on["train"]["suggestion"] == {**on["train"]["suggestion"], "micro_batch": 1, "cpu_offload": True}
+    with pytest.raises(ValueError, match="--micro-batch 1 --cpu-offload"):
+        check_fits(name, work)
+
+
 def test_train_check_sizes_against_the_device(monkeypatch):
     """`check_train` (lesa train's up-front check) sizes a recording's training against the device's memory: skipped
     on the CPU or for a model without config files, a refusal with the fitting settings when it does not fit."""

@@ -97,6 +97,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     _pipeline_args(tr, "pipeline for the closed loop and validation (default: the recorded one)", offload=False)
     tr.add_argument(
+        "--cpu-offload",
+        action="store_true",
+        help="keep every model but the transformer (text encoders, VAE) on the CPU, moved to --device for its own "
+        "calls only: the same updates, the encoders' weights off the device",
+    )
+    tr.add_argument(
         "--data",
         required=True,
         action="append",
@@ -350,13 +356,13 @@ def _train(args) -> int:
     if args.dry_run:
         from .estimate import dry_run, train_workload
 
-        work = train_workload(rec, config, dtype, validation, recipe=args.recipe)
+        work = train_workload(rec, config, dtype, validation, recipe=args.recipe, cpu_offload=args.cpu_offload)
         print(dry_run(model, work, "train", config))
         return 0
     dist = init_distributed(args.device)  # under torchrun: join the group; alone: nothing happens
     # on an accelerator, a configuration whose estimated peak exceeds its memory is refused now, with settings that fit
-    check_train(model, rec, config, dist.device, dtype=dtype, validation=validation)
-    pipe = load_pipeline(model, dist.device, args.dtype)
+    check_train(model, rec, config, dist.device, dtype=dtype, validation=validation, cpu_offload=args.cpu_offload)
+    pipe = load_pipeline(model, dist.device, args.dtype, offload_encoders=args.cpu_offload)
     if args.restart and dist.is_main:  # only rank 0 reads checkpoints
         shutil.rmtree(Path(args.out) / "checkpoints", ignore_errors=True)
         (Path(args.out) / "schedule.json").unlink(missing_ok=True)

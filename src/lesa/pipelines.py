@@ -94,10 +94,16 @@ def parse_dtype(name: str | None, device: str) -> torch.dtype:
 
 
 def load_pipeline(
-    model: str | None = None, device: str | None = None, dtype: str | None = None, cpu_offload: bool = False
+    model: str | None = None,
+    device: str | None = None,
+    dtype: str | None = None,
+    cpu_offload: bool = False,
+    offload_encoders: bool = False,
 ):
     """A pipeline from a local directory or hub id (`model`), or the default, in `dtype`: moved to `device`, or with
-    `cpu_offload` kept on the CPU and moved to `device` one component at a time (`enable_model_cpu_offload`).
+    `cpu_offload` kept on the CPU and moved to `device` one component at a time (`enable_model_cpu_offload`), or
+    with `offload_encoders` the transformer on `device` and every other component on the CPU until its own call
+    (`offload_encoders`: what `lesa train --cpu-offload` does).
 
     Example:
         >>> pipe = load_pipeline("tiny-random-flux", device="cpu")
@@ -135,10 +141,45 @@ def load_pipeline(
         pipe.to(dtype=torch_dtype)
     if cpu_offload:
         pipe.enable_model_cpu_offload(device=device)
+    elif offload_encoders:
+        offload_encoders_to_cpu(pipe, device)
     else:
         pipe.to(device=device)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def offload_encoders_to_cpu(pipe, device: str | torch.device) -> None:
+    """Put the transformer on `device` and keep every other model of `pipe` (text encoders, VAE, ...) on the CPU,
+    moved to `device` for each of its forward calls and back after it.
+
+    Training needs this rather than `enable_model_cpu_offload`: that one moves the transformer back to the CPU when
+    the pipeline call ends, before backward replays its checkpointed blocks. The encoders run before the rollout
+    (nothing of its graph is alive yet), so the device holds the transformer plus one encoder at a time instead of
+    all of them. The pipeline's execution device is the hooks' `device` (diffusers reads it from `_hf_hook`)."""
+    from accelerate.hooks import ModelHook, add_hook_to_module
+
+    class VisitDevice(ModelHook):
+        def __init__(self, execution_device: torch.device) -> None:
+            self.execution_device = execution_device
+
+        def pre_forward(self, module, *args, **kwargs):
+            module.to(self.execution_device)
+            return args, kwargs
+
+        def post_forward(self, module, output):
+            module.to("cpu")
+            return output
+
+    device = torch.device(device)
+    for name, component in pipe.components.items():
+        if not isinstance(component, torch.nn.Module):
+            continue
+        if name == "transformer":
+            component.to(device)
+        else:
+            component.to("cpu")
+            add_hook_to_module(component, VisitDevice(device))
 
 
 def model_label(model: str | None) -> str:

@@ -116,9 +116,11 @@ def check_fits(model: str | ModelSpec, work: Workload, memory_gb: float | None =
     raise ValueError(message + " (`lesa estimate` prints the details; estimates leave ~1-3 GB of CUDA context out)")
 
 
-def train_workload(recording, config, dtype: str = "bfloat16", validation=None, recipe: str | None = None) -> Workload:
+def train_workload(
+    recording, config, dtype: str = "bfloat16", validation=None, recipe: str | None = None, cpu_offload: bool = False
+) -> Workload:
     """The Workload of training `config` (named `recipe`) on `recording` (a `Recording`: its settings, contexts and
-    trajectories; `validation`: the --val-data recording)."""
+    trajectories; `validation`: the --val-data recording; `cpu_offload`: lesa train --cpu-offload)."""
     return workload_from_settings(
         recording.settings,
         contexts=len(recording.contexts),
@@ -128,11 +130,18 @@ def train_workload(recording, config, dtype: str = "bfloat16", validation=None, 
         warmup=config.warmup,
         dtype=dtype,
         recipe=recipe,
+        cpu_offload=cpu_offload,
     )
 
 
 def check_train(
-    model: str, recording, config, device: str | None, dtype: str = "bfloat16", validation=None
+    model: str,
+    recording,
+    config,
+    device: str | None,
+    dtype: str = "bfloat16",
+    validation=None,
+    cpu_offload: bool = False,
 ) -> dict[str, Any] | None:
     """`lesa train`'s up-front check: on a CUDA device, the estimate of training `config` on `recording` (for a
     schedule-free run, the recording of the most steps: its densest cell) with `model`'s config files; a
@@ -145,7 +154,8 @@ def check_train(
         spec = load_spec(model)
     except (ValueError, OSError):
         return None
-    return check_fits(spec, train_workload(recording, config, dtype, validation), memory, config=config)
+    work = train_workload(recording, config, dtype, validation, cpu_offload=cpu_offload)
+    return check_fits(spec, work, memory, config=config)
 
 
 def dry_run(model: str | None, work: Workload, part: str, config=None) -> str:
@@ -171,6 +181,8 @@ def _fit_options(fit: dict[str, Any]) -> str:
         options += f" --micro-batch {fit['micro_batch']}"  # the trunk checkpointed: the default
     if fit.get("checkpoint_calls"):
         options += " --set checkpoint_calls=true"
+    if fit.get("cpu_offload"):
+        options += " --cpu-offload"
     return options
 
 

@@ -352,7 +352,7 @@ def estimate(model: str | ModelSpec, work: Workload | None = None, config=None) 
     else:
         generate_peak = weights_total + max(denoise_peak, decode_peak)
 
-    train = train_estimate(spec, shape, work, cfg, weights_total, text_flops, one)
+    train = train_estimate(spec, shape, work, cfg, weights, text_flops, one)
     return {
         "model": spec.name,
         "source": spec.source,
@@ -433,9 +433,15 @@ def _schedule_counts(cfg, steps: int) -> dict[str, int]:
     }
 
 
-def train_estimate(spec, shape, work: Workload, cfg, weights_total: float, text_flops: float, one) -> dict[str, Any]:
+def train_estimate(spec, shape, work: Workload, cfg, weights: dict[str, float], text_flops, one) -> dict[str, Any]:
     """Peak memory of each phase of `cfg` and the FLOPs / GPU-hours of the whole run (every variant, seed, epoch and
-    held-out scoring)."""
+    held-out scoring); with `work.cpu_offload` (lesa train --cpu-offload) only the transformer's weights stay on the
+    device, and each other model visits it alone, before a rollout's graph exists."""
+    if work.cpu_offload:
+        resident = weights["transformer"]
+        visit = max([w for n, w in weights.items() if n != "transformer"], default=0.0)
+    else:
+        resident, visit = sum(weights.values()), 0.0
     dtype = work.dtype
     b = BYTES[dtype]
     ctx = shape.contexts
@@ -472,9 +478,11 @@ def train_estimate(spec, shape, work: Workload, cfg, weights_total: float, text_
         kept = ctx * (counts["graph_full"] * per_full + counts["graph_cached"] * per_cached)
         # backward: one call's transient, and the predictor's graph's own (about its size again)
         transient += predictor_graph_bytes(cfg)
-        return {"kept": kept, "peak": weights_total + predictor + kept + transient}
+        return {"kept": kept, "peak": resident + predictor + kept + transient}
 
-    validation_peak = weights_total + predictor + call(batch)["peak_inference"] + ctx * history * batch * feat * b
+    validation_peak = (
+        resident + predictor + max(call(batch)["peak_inference"] + ctx * history * batch * feat * b, visit)
+    )
     rollout = text_flops + ctx * (
         counts["full"] * one["forward_flops"] + counts["cached"] * one["cached_forward_flops"]
     )
@@ -497,7 +505,7 @@ def train_estimate(spec, shape, work: Workload, cfg, weights_total: float, text_
         epochs = cfg.epochs_gt if phase == "gt" else cfg.epochs_clar
         val_passes += variants * seeds * epochs
         if phase == "gt":  # teacher forcing: recorded features of a minibatch on the device, no transformer call
-            peak = weights_total + predictor + ctx * steps * batch * feat * 4
+            peak = resident + predictor + ctx * steps * batch * feat * 4
             phases.append(
                 dict(phase="gt", peak_gb=_gb(peak), batch=batch, epochs=epochs, note="recorded features, fp32")
             )
@@ -530,7 +538,7 @@ def train_estimate(spec, shape, work: Workload, cfg, weights_total: float, text_
         else:  # one update per cached step (or cycle) through the head only; full steps without gradients
             per_traj = rollout + ctx * counts["cached"] * one["cached_backward_flops"]
             c = call(batch)
-            peak = max(weights_total + predictor + c["peak_inference"] + c["cached_retained"], validation_peak)
+            peak = max(resident + predictor + c["peak_inference"] + c["cached_retained"], validation_peak)
             phases.append(dict(phase="clar", loss=cfg.loss, peak_gb=_gb(peak), batch=batch, epochs=epochs))
         flops += variants * seeds * epochs * n_train * per_traj
     flops += val_passes * n_val * rollout
@@ -552,30 +560,30 @@ def train_estimate(spec, shape, work: Workload, cfg, weights_total: float, text_
         "densest_speedup": min(cfg.speedups) if schedule_free else None,
     }
     if not out["fits"]:
-        out["suggestion"] = fitting_settings(spec, shape, work, cfg, weights_total, text_flops, one)
+        out["suggestion"] = fitting_settings(spec, shape, work, cfg, weights, text_flops, one)
     return out
 
 
-def fitting_settings(spec, shape, work: Workload, cfg, weights_total, text_flops, one) -> dict[str, Any] | None:
+def fitting_settings(spec, shape, work: Workload, cfg, weights, text_flops, one) -> dict[str, Any] | None:
     """The settings closest to `cfg` whose estimate fits `work.memory_gb`: the same batch with the largest
-    micro-batch that fits (loss "final", the trunk's blocks checkpointed, else its calls), else a smaller batch; None
-    when nothing does."""
+    micro-batch that fits (loss "final"; the trunk's blocks checkpointed, else its calls), the encoders offloaded to
+    the CPU only where no micro-batch fits without; else a smaller batch; None when nothing does."""
     final = cfg.loss == "final"
     for batch in range(cfg.batch_size, 0, -1):
         micros = range(min(cfg.micro_batch or batch, batch), 0, -1) if final else [None]
-        for micro in micros:
-            for calls in (False, True) if final else (False,):
-                trial = replace(cfg, batch_size=batch, micro_batch=micro)
-                if final:
-                    trial = replace(trial, checkpoint_trunk=True, checkpoint_calls=calls)
-                peak = train_estimate(
-                    spec, shape, replace(work, memory_gb=math.inf), trial, weights_total, text_flops, one
-                )["peak_gb"]
-                if peak <= work.memory_gb:
-                    out = {"batch_size": batch, "micro_batch": micro, "peak_gb": peak}
+        for offload in sorted({work.cpu_offload, True}):
+            for micro in micros:
+                for calls in (False, True) if final else (False,):
+                    trial = replace(cfg, batch_size=batch, micro_batch=micro)
                     if final:
-                        out.update(checkpoint_trunk=True, checkpoint_calls=calls)
-                    return out
+                        trial = replace(trial, checkpoint_trunk=True, checkpoint_calls=calls)
+                    trial_work = replace(work, memory_gb=math.inf, cpu_offload=offload)
+                    peak = train_estimate(spec, shape, trial_work, trial, weights, text_flops, one)["peak_gb"]
+                    if peak <= work.memory_gb:
+                        out = {"batch_size": batch, "micro_batch": micro, "peak_gb": peak, "cpu_offload": offload}
+                        if final:
+                            out.update(checkpoint_trunk=True, checkpoint_calls=calls)
+                        return out
     return None
 
 
