@@ -14,8 +14,9 @@ from torch.utils._pytree import tree_leaves
 import lesa
 from lesa.cli import _parser, _train_config
 from lesa.runtime import get_runtime
+from lesa.schedule import truncation_step
 from lesa.training import TrainConfig, Trainer
-from lesa.training.phases import closed_loop_loss, frozen_pipeline, truncation_step
+from lesa.training.phases import closed_loop_loss, frozen_pipeline
 
 # the calibrated recipe's gradient at test size: the exact gradient, an early-cycle term and a learned correction
 CALIBRATED = dict(QUICK_CALIBRATED, history_grad=True, loss_cycles=1, correction=True)

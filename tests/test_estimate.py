@@ -287,6 +287,13 @@ def test_schedule_free_training_is_sized_at_its_densest_cell():
     assert two["suggestion"]["peak_gb"] <= 80
     config = TrainConfig.from_recipe("schedule-free", checkpoint_calls=True)
     assert config.fingerprint() == TrainConfig.from_recipe("schedule-free").fingerprint()  # a memory setting
+    # truncated back-propagation: a rollout keeps the graph of its last cycles only
+    whole = estimate("flux.1-dev", replace(work, micro_batch=1))["train"]
+    config = TrainConfig.from_recipe("schedule-free", micro_batch=1, truncate_cycles=2)
+    cut = estimate("flux.1-dev", replace(work, micro_batch=1), config)["train"]
+    assert (whole["schedule"]["graph_full"], cut["schedule"]["graph_full"]) == (16, 2)
+    assert cut["schedule"]["graph_cached"] == 4 < whole["schedule"]["graph_cached"] == 30
+    assert cut["phases"][0]["kept_per_trajectory_gb"] < 0.2 * whole["phases"][0]["kept_per_trajectory_gb"]
 
 
 def test_dry_run_prints_its_commands_estimate_and_loads_nothing(tmp_path, capsys, recording):

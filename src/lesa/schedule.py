@@ -134,3 +134,14 @@ def _strictly_after(warmup: int, positions: Sequence[float], num_steps: int) -> 
         hi = num_steps - (len(positions) - i)  # room for the ones after it
         out.append(max(lo, min(hi, round(p))))
     return tuple(s for s in out if warmup < s < num_steps)
+
+
+def truncation_step(full_steps: list[int], num_steps: int, cycles: int | None) -> int:
+    """The step from which a rollout back-propagates with truncation to the last `cycles` cache cycles (runs of
+    cached steps, each opened by a full step): the full step opening the first of them; 0 (the whole sampler) with
+    None or when the schedule has no more cycles than that."""
+    if cycles is None:
+        return 0
+    full = set(full_steps)
+    starts = [s for s in sorted(full) if s + 1 < num_steps and s + 1 not in full]
+    return starts[-cycles] if cycles < len(starts) else 0

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from ..schedule import StepSchedule, full_step_count, uniform_budget
+from ..schedule import StepSchedule, full_step_count, truncation_step, uniform_budget
 from . import rules as R
 from .measure import TRUNK_KINDS, Geometry
 from .spec import ModelSpec, load_spec
@@ -424,12 +424,13 @@ def _schedule_counts(cfg, steps: int) -> dict[str, int]:
     sched = training_schedule(cfg, steps)
     full = sched.full_steps(steps)
     cached = sched.cached_steps(steps)
-    first = min(cached) if cached else steps
+    # the final loss back-propagates from the first cached step, or with truncation from the cycles it keeps
+    first = max(min(cached) if cached else steps, truncation_step(full, steps, getattr(cfg, "truncate_cycles", None)))
     return {
         "full": len(full),
         "cached": len(cached),
-        "graph_full": sum(1 for s in full if s > first),  # full steps the final loss back-propagates through
-        "graph_cached": len(cached),
+        "graph_full": sum(1 for s in full if s > first),
+        "graph_cached": sum(1 for s in cached if s >= first),
     }
 
 

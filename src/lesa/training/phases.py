@@ -22,7 +22,7 @@ from .. import disable, distributed, enable
 from ..config import LESAConfig
 from ..predictor import LESAPredictor
 from ..runtime import StepEvent, get_runtime
-from ..schedule import StepSchedule
+from ..schedule import StepSchedule, truncation_step
 from .config import TrainConfig
 from .data import TrainingData, minibatches
 from .placement import Variant
@@ -324,17 +324,6 @@ class Phases:
         of the first cache cycles is added."""
 
         return closed_loop_loss(self.scorer, batch, data, self.cycle_ends()[: self.config.loss_cycles])
-
-
-def truncation_step(full_steps: list[int], num_steps: int, cycles: int | None) -> int:
-    """The step from which a rollout back-propagates with truncation to the last `cycles` cache cycles (runs of
-    cached steps, each opened by a full step): the full step opening the first of them; 0 (the whole sampler) with
-    None or when the schedule has no more cycles than that."""
-    if cycles is None:
-        return 0
-    full = set(full_steps)
-    starts = [s for s in sorted(full) if s + 1 < num_steps and s + 1 not in full]
-    return starts[-cycles] if cycles < len(starts) else 0
 
 
 def closed_loop_loss(

@@ -32,12 +32,12 @@ from ..evaluate.methods import baseline_config
 from ..predictor import ScheduleFreeConfig, ScheduleFreePredictor, check_predictor_dir, stage_of
 from ..predictor.schedule_free import forecast_inputs
 from ..recording import Recording
-from ..schedule import StepSchedule, full_step_count, sigma_budget, uniform_budget
+from ..schedule import StepSchedule, full_step_count, sigma_budget, truncation_step, uniform_budget
 from ..trajectories import stderr_notice
 from .checkpoints import check_replicas, cpu_state
 from .config import TrainConfig
 from .data import TrainingData, minibatches
-from .phases import apply_update, closed_loop_loss, frozen_pipeline, param_groups, truncation_step
+from .phases import apply_update, closed_loop_loss, frozen_pipeline, param_groups
 from .start import Fits
 from .validation import Scorer
 
