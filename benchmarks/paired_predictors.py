@@ -49,6 +49,7 @@ def main() -> None:
     parser.add_argument("--mean", action="append", default=[], help="NAME=A,B: the per-prompt mean of A and B")
     parser.add_argument("--compare", action="append", default=None, help="a row to pair (default: every other)")
     parser.add_argument("--metric", default="psnr")
+    parser.add_argument("--min-full", type=int, default=4, help="leave out cells of fewer full steps (default 4)")
     args = parser.parse_args()
     cells = lesa_rows(args.results, args.metric)
     for definition in args.mean:
@@ -61,7 +62,7 @@ def main() -> None:
     table_head("steps", "full steps", "prompts", f"{args.reference}", *(f"{c} (minus reference)" for c in candidates))
     diffs: dict[str, list[float]] = defaultdict(list)
     for (steps, full), rows in sorted(cells.items()):
-        if args.reference not in rows:
+        if args.reference not in rows or full < args.min_full:
             continue
         ref = rows[args.reference]
         cols, n = [], len(ref)

@@ -201,3 +201,5 @@ def test_results_table_labels_ssim_as_luma():
     results = dict(rows=[row], machine=machine, model="m", n_prompts=1, config={"steps": 50}, command="c", notices=[])
     header = next(line for line in results_table(results).splitlines() if line.startswith("| method"))
     assert "| SSIM (luma) | MS-SSIM (luma) |" in header
+    results["config"] = {"steps": 20}  # the full-compute row's budget is the bench's step count
+    assert "| full compute | 20/20 |" in results_table(results)

@@ -37,7 +37,7 @@ def results_table(results: dict[str, Any]) -> str:
     for r in rows:
         cells = [
             r["row"],
-            r["budget"] or "50/50",
+            r["budget"] or f"{results['config']['steps']}/{results['config']['steps']}",  # full compute
             str(r["seeds"]) if r["family"] == "lesa" else "-",
             f"{r['trunk_executions']:.2f}",
             f"{r['flops_speedup']:.2f}x",
