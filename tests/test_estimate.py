@@ -219,6 +219,7 @@ def test_encoders_off_the_device_let_the_large_models_train_on_80gb(name):
     assert on["train"]["suggestion"] == {**on["train"]["suggestion"], "micro_batch": 1, "cpu_offload": True}
     with pytest.raises(ValueError, match="--micro-batch 1 --cpu-offload"):
         check_fits(name, work)
+    assert "train (--recipe calibrated --cpu-offload," in format_estimate(off)
 
 
 def test_train_check_sizes_against_the_device(monkeypatch):

@@ -233,7 +233,8 @@ def _train_lines(e: dict[str, Any]) -> list[str]:
     else:
         schedule = f"interval {w['interval']}, warm-up {w['warmup']}"
     lines.append(
-        f"train (--recipe {t['recipe']}, {schedule}; {t['train_trajectories']} "
+        f"train (--recipe {t['recipe']}{' --cpu-offload' if w['cpu_offload'] else ''}, {schedule}; "
+        f"{t['train_trajectories']} "
         f"training / {t['val_trajectories']} validation trajectories, {t['variants']} variant(s)): peak "
         f"{t['peak_gb']:.1f} GB{'' if t['fits'] else ' -- DOES NOT FIT'}; {t['tflop'] / 1e3:,.1f} PFLOP, "
         f"{t['gpu_hours']:,.1f} GPU-hours"
@@ -371,7 +372,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="checkpoint each full step's whole transformer call instead of its blocks (lesa train --set "
         "checkpoint_calls=true)",
     )
-    parser.add_argument("--cpu-offload", action="store_true", help="record / generate with model CPU offload")
+    parser.add_argument(
+        "--cpu-offload",
+        action="store_true",
+        help="record / generate with model CPU offload; train with every model but the transformer on the CPU",
+    )
     parser.add_argument(
         "--tflops",
         type=float,
