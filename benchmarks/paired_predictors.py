@@ -70,7 +70,7 @@ def main() -> None:
             if c not in rows:
                 cols.append("-")
                 continue
-            pairs = [(a, b) for a, b in zip(rows[c], ref, strict=False)]  # the prompts both ran: the shorter run
+            pairs = list(zip(rows[c], ref, strict=False))  # the prompts both ran: the shorter run's
             n = min(n, len(pairs))
             m, se = mean_se([a - b for a, b in pairs])
             diffs[c].append(m)

@@ -102,8 +102,8 @@ def load_pipeline(
 ):
     """A pipeline from a local directory or hub id (`model`), or the default, in `dtype`: moved to `device`, or with
     `cpu_offload` kept on the CPU and moved to `device` one component at a time (`enable_model_cpu_offload`), or
-    with `offload_encoders` the transformer on `device` and every other component on the CPU until its own call
-    (`offload_encoders`: what `lesa train --cpu-offload` does).
+    with `offload_encoders` the transformer on `device` and every other model on the CPU until its own call
+    (`offload_encoders_to_cpu`, what `lesa train --cpu-offload` uses).
 
     Example:
         >>> pipe = load_pipeline("tiny-random-flux", device="cpu")
