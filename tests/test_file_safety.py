@@ -12,9 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import PROMPTS, SIZE, tiny_predictor
+from safetensors import safe_open
 
 from lesa.checkpoint import load_checkpoint, save_checkpoint
 from lesa.cli import main
+from lesa.io import save_safetensors
 from lesa.predictor import LESAPredictor
 from lesa.record import record
 from lesa.recording import Recording
@@ -75,6 +77,30 @@ def test_checkpoints_round_trip_without_pickle(tmp_path):
     with pytest.raises(TypeError, match=r"checkpoint value checkpoint.bad is a PosixPath"):
         save_checkpoint(tmp_path / "d.safetensors", {"bad": Path("x")})
     assert not (tmp_path / "d.safetensors").exists()
+
+
+def test_the_same_contents_save_to_the_same_bytes(tmp_path):
+    """safetensors orders its header by a hash map; lesa's files come out byte-identical for the same contents (a
+    shipped predictor saved again is no change for git), and still load as safetensors."""
+    tensors = {"b": torch.arange(6.0).view(2, 3), "a": torch.ones(5, dtype=torch.float16)}
+    meta = {f"key{i}": str(i) for i in range(8)}
+    save_safetensors(tensors, tmp_path / "one.safetensors", meta)
+    save_safetensors(dict(reversed(tensors.items())), tmp_path / "two.safetensors", dict(reversed(meta.items())))
+    one = (tmp_path / "one.safetensors").read_bytes()
+    assert one == (tmp_path / "two.safetensors").read_bytes()
+    size = int.from_bytes(one[:8], "little")
+    assert size % 8 == 0 and list(json.loads(one[8 : 8 + size])["__metadata__"]) == sorted(meta)
+    with safe_open(tmp_path / "one.safetensors", "pt") as f:
+        assert f.metadata() == meta and torch.equal(f.get_tensor("b"), tensors["b"])
+    tree = {"log": [{"psnr": 1.0}], "w": torch.randn(3)}
+    save_checkpoint(tmp_path / "c1.safetensors", tree)
+    save_checkpoint(tmp_path / "c2.safetensors", tree)
+    assert (tmp_path / "c1.safetensors").read_bytes() == (tmp_path / "c2.safetensors").read_bytes()
+    predictor = tiny_predictor(seed=1)
+    predictor.save_pretrained(tmp_path / "p1")
+    predictor.save_pretrained(tmp_path / "p2")
+    for name in ("model.safetensors", "config.json"):
+        assert (tmp_path / "p1" / name).read_bytes() == (tmp_path / "p2" / name).read_bytes()
 
 
 def test_a_planted_pickle_never_runs(pipe, recording, tmp_path):

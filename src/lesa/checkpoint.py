@@ -16,9 +16,8 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
-from .io import atomic_path
+from .io import save_safetensors
 
 FORMAT = "lesa-checkpoint"
 FORMAT_VERSION = 1
@@ -65,8 +64,7 @@ def save_checkpoint(path: str | Path, tree: Any) -> None:
     """Write `tree` to `path` atomically (a reader sees the previous checkpoint or this one, never a mix)."""
     tensors: dict[str, torch.Tensor] = {}
     meta = json.dumps(_encode(tree, tensors, "checkpoint"))
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={"format": FORMAT, "version": str(FORMAT_VERSION), "tree": meta})
+    save_safetensors(tensors, path, {"format": FORMAT, "version": str(FORMAT_VERSION), "tree": meta})
 
 
 def load_checkpoint(path: str | Path) -> Any:

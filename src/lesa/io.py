@@ -1,13 +1,19 @@
-"""Atomic file writes (a reader never sees a half-written file under the final name) and file checksums."""
+"""Atomic file writes (a reader never sees a half-written file under the final name), reproducible safetensors files
+and file checksums."""
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 
 @contextlib.contextmanager
@@ -43,3 +49,19 @@ def file_sha256(path: str | Path) -> str:
         while chunk := f.read(1 << 22):
             h.update(chunk)
     return h.hexdigest()
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], target: str | Path, metadata: dict[str, str]) -> None:
+    """Write `tensors` and `metadata` to a safetensors file atomically, the same bytes for the same contents: the
+    safetensors writer orders the header's keys differently from one call to the next (a hash map), so the header
+    is written again with its keys sorted."""
+    from safetensors.torch import save
+
+    data = save(tensors, metadata=metadata)
+    size = int.from_bytes(data[:8], "little")
+    header = json.dumps(json.loads(data[8 : 8 + size]), sort_keys=True, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)  # the data after it stays 8-byte aligned
+    with atomic_path(target) as tmp, open(tmp, "wb") as f:
+        f.write(len(header).to_bytes(8, "little"))
+        f.write(header)
+        f.write(memoryview(data)[8 + size :])

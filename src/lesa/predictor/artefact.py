@@ -14,10 +14,9 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from safetensors import safe_open
 from safetensors.torch import load as load_safetensors
-from safetensors.torch import save_file
 from torch import nn
 
-from ..io import atomic_path, atomic_write_text, file_sha256
+from ..io import atomic_write_text, file_sha256, save_safetensors
 
 if TYPE_CHECKING:
     from huggingface_hub import CommitInfo
@@ -67,10 +66,9 @@ class PredictorArtefact(nn.Module):
         check_predictor_dir(directory)
         directory.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().float().contiguous().cpu() for k, v in self.state_dict().items()}
-        with atomic_path(directory / WEIGHTS_NAME) as tmp:
-            version = str(self.config.format_version)
-            save_file(tensors, str(tmp), metadata={"format": "pt", "lesa_format_version": version})
-            digest = file_sha256(tmp)
+        metadata = {"format": "pt", "lesa_format_version": str(self.config.format_version)}
+        save_safetensors(tensors, directory / WEIGHTS_NAME, metadata)
+        digest = file_sha256(directory / WEIGHTS_NAME)
         for name, text in {**({CARD_NAME: card} if card is not None else {}), **(files or {})}.items():
             atomic_write_text(directory / name, text)
         config = {CLASS_KEY: type(self).__name__, **asdict(self.config), CHECKSUM_KEY: {WEIGHTS_NAME: digest}}
