@@ -9,6 +9,7 @@ median and the 10 % trimmed mean of the differences beside their mean (a few pro
 
 from __future__ import annotations
 
+import functools
 import statistics
 
 import numpy as np
@@ -19,6 +20,7 @@ from tqdm.auto import tqdm
 import lesa
 from lesa.correction import DEFAULT_CYCLES, DEFAULT_STRENGTH, first_cycles
 from lesa.evaluate.bench import mean_se
+from lesa.evaluate.methods import baseline_config
 from lesa.evaluate.metrics import psnr
 from lesa.pipelines import load_pipeline, shipped_predictor
 from lesa.predictor import load_predictor
@@ -42,17 +44,13 @@ def main() -> None:
     placement = pc.placement([float(s) for s in pipe.scheduler.sigmas], full_step_count(args.steps, args.speedup))
     full = placement.full_steps(args.steps)
     fixed = first_cycles(full, placement.warmup, DEFAULT_STRENGTH, DEFAULT_CYCLES)
-    own = dict(interval=placement.interval, warmup=placement.warmup, explicit_full_steps=placement.explicit)
+    ours = functools.partial(lesa.LESAConfig, predictor=predictor, speedup=args.speedup, count_flops=False)
     methods = {
-        "LESA (learned correction)": lesa.LESAConfig(predictor=predictor, speedup=args.speedup, count_flops=False),
-        "LESA, fixed correction instead": lesa.LESAConfig(
-            predictor=predictor, speedup=args.speedup, count_flops=False, correction=fixed
-        ),
-        "LESA, no correction": lesa.LESAConfig(
-            predictor=predictor, speedup=args.speedup, count_flops=False, learned_correction=False
-        ),
-        "FORA": lesa.FORAConfig(**own),
-        "FORA + correction": lesa.FORAConfig(**own, correction=fixed),
+        "LESA (learned correction)": ours(),
+        "LESA, fixed correction instead": ours(correction=fixed),
+        "LESA, no correction": ours(learned_correction=False),
+        "FORA": baseline_config("fora", placement),
+        "FORA + correction": baseline_config("fora", placement, correction=fixed),
     }
     prompts = read_prompts(args.prompts)[: args.limit]
 

@@ -234,8 +234,8 @@ def _train_lines(e: dict[str, Any]) -> list[str]:
         schedule = f"interval {w['interval']}, warm-up {w['warmup']}"
     lines.append(
         f"train (--recipe {t['recipe']}{' --cpu-offload' if w['cpu_offload'] else ''}, {schedule}; "
-        f"{t['train_trajectories']} "
-        f"training / {t['val_trajectories']} validation trajectories, {t['variants']} variant(s)): peak "
+        f"{t['train_trajectories']} training / {t['val_trajectories']} validation trajectories, "
+        f"{t['variants']} variant(s)): peak "
         f"{t['peak_gb']:.1f} GB{'' if t['fits'] else ' -- DOES NOT FIT'}; {t['tflop'] / 1e3:,.1f} PFLOP, "
         f"{t['gpu_hours']:,.1f} GPU-hours"
     )
