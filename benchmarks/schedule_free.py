@@ -8,6 +8,11 @@ against the format-1 pairs' PSNR.
     python benchmarks/schedule_free.py runs/bench-sf-20/results.json runs/bench-sf-28/results.json \\
         runs/bench-sf-50/results.json --v1 5=40.80 --v1 6.25=34.12
 
+`--lesa RESULTS` (one per step count) takes the LESA rows from a LESA-only bench (`lesa bench --methods lesa`) of
+other predictors instead, paired with the baseline rows of the full bench of the same step count: valid when both
+benches ran the same prompts, seeds and limit (checked) and the predictors place their full steps by the same rule
+(the sigma rule's power in their training logs), so that the baselines' "planned" rows ran on the same steps.
+
 `--discretisation REC [REC ...]` instead prints how far apart the final latents of recordings of the same prompts and
 seeds at different step counts are (latent PSNR, mean and median): why a schedule-free predictor trains on a
 recording per step count rather than on sub-schedules of one fine recording.
@@ -30,10 +35,26 @@ CALIBRATED = ("fora", "fora-corrected", "taylorseer-damped", "taylorseer-damped-
 CELL_GOAL, MEAN_GOAL, V1_TOLERANCE = 0.5, 1.0, 0.5
 
 
-def cells(path: Path) -> list[dict]:
-    """Per budget of one results.json: the LESA seeds' per-prompt PSNR and the calibrated baselines'."""
+SAME_RUN = ("prompts", "limit", "seed", "steps", "height", "width", "guidance_scale")
+
+
+def cells(path: Path, lesa_only: dict[int, Path] | None = None) -> list[dict]:
+    """Per budget of one results.json: the LESA seeds' per-prompt PSNR and the calibrated baselines'; the LESA rows
+    from `lesa_only[steps]` instead where that is given."""
     results = json.loads(path.read_text())
     steps = results["config"]["steps"]
+    lesa_path = (lesa_only or {}).get(steps)
+    if lesa_path is not None:
+        other = json.loads(lesa_path.read_text())
+        for key in SAME_RUN:
+            if other["config"].get(key) != results["config"].get(key):
+                raise SystemExit(
+                    f"{lesa_path}: config {key!r} is {other['config'].get(key)!r}, but {path} ran "
+                    f"{results['config'].get(key)!r}; LESA rows pair only with a bench of the same prompts and seeds"
+                )
+        runs = [r for r in results["runs"].values() if r["family"] != "lesa"]
+        runs += [r for r in other["runs"].values() if r["family"] == "lesa"]
+        results["runs"] = dict(enumerate(runs))
     speedups = {full_step_count(steps, s): s for s in results["config"].get("speedups") or []}
     by_count: dict[int, dict] = {}
     for run in results["runs"].values():
@@ -55,7 +76,9 @@ def cells(path: Path) -> list[dict]:
     return out
 
 
-def acceptance(paths: list[Path], v1: dict[float, float], min_full: int = 4) -> None:
+def acceptance(
+    paths: list[Path], v1: dict[float, float], min_full: int = 4, lesa_only: dict[int, Path] | None = None
+) -> None:
     table_head(
         "steps",
         "speed-up (full steps)",
@@ -68,7 +91,7 @@ def acceptance(paths: list[Path], v1: dict[float, float], min_full: int = 4) -> 
     )
     margins, notes = [], []
     for path in paths:
-        for cell in cells(path):
+        for cell in cells(path, lesa_only):
             if cell["full"] < min_full:
                 continue
             seeds = list(cell["lesa"].values())
@@ -130,12 +153,18 @@ def main() -> None:
     parser.add_argument("--v1", action="append", default=[], help="SPEEDUP=PSNR of a format-1 pair at 50 steps")
     parser.add_argument("--discretisation", action="store_true", help="compare recordings' final latents")
     parser.add_argument("--min-full", type=int, default=4, help="leave out cells with fewer full steps")
+    parser.add_argument("--lesa", action="append", type=Path, default=[], help="a LESA-only bench's results.json")
     args = parse(parser, threads=1)
     if args.discretisation:
         discretisation(args.paths)
         return
     v1 = {float(k): float(v) for k, v in (item.split("=") for item in args.v1)}
-    acceptance(args.paths, v1, args.min_full)
+    lesa_only = {json.loads(p.read_text())["config"]["steps"]: p for p in args.lesa}
+    benched = {json.loads(p.read_text())["config"]["steps"] for p in args.paths}
+    for steps, path in lesa_only.items():
+        if steps not in benched:
+            raise SystemExit(f"{path}: a bench of {steps} steps, but no results.json given holds {steps} steps")
+    acceptance(args.paths, v1, args.min_full, lesa_only)
 
 
 if __name__ == "__main__":
