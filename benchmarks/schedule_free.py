@@ -38,14 +38,12 @@ CELL_GOAL, MEAN_GOAL, V1_TOLERANCE = 0.5, 1.0, 0.5
 SAME_RUN = ("prompts", "limit", "seed", "steps", "height", "width", "guidance_scale")
 
 
-def cells(path: Path, lesa_only: dict[int, Path] | None = None) -> list[dict]:
-    """Per budget of one results.json: the LESA seeds' per-prompt PSNR and the calibrated baselines'; the LESA rows
-    from `lesa_only[steps]` instead where that is given."""
-    results = json.loads(path.read_text())
+def cells(path: Path, results: dict, lesa_only: dict[int, tuple[Path, dict]] | None = None) -> list[dict]:
+    """Per budget of one results.json (`results`, read from `path`): the LESA seeds' per-prompt PSNR and the
+    calibrated baselines'; the LESA rows of `lesa_only[steps]` (path, results) instead where that is given."""
     steps = results["config"]["steps"]
-    lesa_path = (lesa_only or {}).get(steps)
-    if lesa_path is not None:
-        other = json.loads(lesa_path.read_text())
+    if steps in (lesa_only or {}):
+        lesa_path, other = lesa_only[steps]
         for key in SAME_RUN:
             if other["config"].get(key) != results["config"].get(key):
                 raise SystemExit(
@@ -54,7 +52,7 @@ def cells(path: Path, lesa_only: dict[int, Path] | None = None) -> list[dict]:
                 )
         runs = [r for r in results["runs"].values() if r["family"] != "lesa"]
         runs += [r for r in other["runs"].values() if r["family"] == "lesa"]
-        results["runs"] = dict(enumerate(runs))
+        results = {**results, "runs": dict(enumerate(runs))}
     speedups = {full_step_count(steps, s): s for s in results["config"].get("speedups") or []}
     by_count: dict[int, dict] = {}
     for run in results["runs"].values():
@@ -77,7 +75,10 @@ def cells(path: Path, lesa_only: dict[int, Path] | None = None) -> list[dict]:
 
 
 def acceptance(
-    paths: list[Path], v1: dict[float, float], min_full: int = 4, lesa_only: dict[int, Path] | None = None
+    benches: dict[Path, dict],
+    v1: dict[float, float],
+    min_full: int = 4,
+    lesa_only: dict[int, tuple[Path, dict]] | None = None,
 ) -> None:
     table_head(
         "steps",
@@ -90,8 +91,8 @@ def acceptance(
         "goal +0.5",
     )
     margins, notes = [], []
-    for path in paths:
-        for cell in cells(path, lesa_only):
+    for path, results in benches.items():
+        for cell in cells(path, results, lesa_only):
             if cell["full"] < min_full:
                 continue
             seeds = list(cell["lesa"].values())
@@ -159,12 +160,15 @@ def main() -> None:
         discretisation(args.paths)
         return
     v1 = {float(k): float(v) for k, v in (item.split("=") for item in args.v1)}
-    lesa_only = {json.loads(p.read_text())["config"]["steps"]: p for p in args.lesa}
-    benched = {json.loads(p.read_text())["config"]["steps"] for p in args.paths}
-    for steps, path in lesa_only.items():
-        if steps not in benched:
+    benches = {p: json.loads(p.read_text()) for p in args.paths}
+    lesa_only = {}
+    for path in args.lesa:
+        results = json.loads(path.read_text())
+        steps = results["config"]["steps"]
+        if all(b["config"]["steps"] != steps for b in benches.values()):
             raise SystemExit(f"{path}: a bench of {steps} steps, but no results.json given holds {steps} steps")
-    acceptance(args.paths, v1, args.min_full, lesa_only)
+        lesa_only[steps] = (path, results)
+    acceptance(benches, v1, args.min_full, lesa_only)
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ RECIPES: dict[str, dict[str, Any]] = {
 # step counts x budgets x placements (lesa.training.schedule_free)
 # (its coefficient network is small: 1e-4, right for format 1's 256-wide KAN, moves it too slowly,
 # docs/history/2026-12-07-schedule-free.md; 12 epochs at 3e-3 beat the first shipped predictor's 6 by +0.50 dB at
-# 20 steps x2.5 and +0.09 over all cells, docs/history/2026-12-07-dense-cells.md)
+# 20 steps x2.5 and +0.09 over all cells, docs/history/2026-12-07-twelve-epochs.md)
 RECIPES["schedule-free"] = {
     **RECIPES["calibrated"],
     "format": 2,
