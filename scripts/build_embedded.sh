@@ -31,7 +31,7 @@ done
 
 # 3. the schedule-free predictor (format 2): one predictor for every step count and budget, trained over the three
 #    recordings x budgets 2.5, 4, 5, 6.25 (at least 4 full steps) x placements, selected on 20 validation
-#    trajectories per cell; seed 0 ships, seed 1 is the bench's second seed (12 closed-loop epochs: about 65 min each,
+#    trajectories per cell; seed 0 ships, seed 1 is the bench's second seed (12 closed-loop epochs: about 70 min each,
 #    the two seeds side by side on 2 cores; the first shipped pair had 6, `--set epochs_clar=6`)
 for seed in 0 1; do
   OMP_NUM_THREADS=1 lesa train --model embedded --recipe schedule-free --data runs/rec-20 --data runs/rec-28 \
