@@ -27,11 +27,13 @@ def main() -> None:
     parser.add_argument("--data", action="append", required=True)
     parser.add_argument("--val-data", action="append", required=True)
     parser.add_argument("--val-limit", type=int, default=20)
+    parser.add_argument("--warmup", type=int, help="steps 0..warmup always full (default: the recipe's)")
     parser.add_argument("--json", help="also write the scores here")
     args = parse(parser, threads=1)
     predictor = load_predictor(args.predictor)
     pc = predictor.config
-    config = TrainConfig.from_recipe("schedule-free", val_fraction=0.0, val_limit=args.val_limit)
+    extra = {} if args.warmup is None else {"warmup": args.warmup}
+    config = TrainConfig.from_recipe("schedule-free", val_fraction=0.0, val_limit=args.val_limit, **extra)
     pipe = load_pipeline(pc.base_model, "cpu", pc.dtype)
     powers: list[float | None] = comma_list(args.powers, float) + [None]
     with tempfile.TemporaryDirectory() as unused_out:  # the trainer is only asked to score; it saves nothing

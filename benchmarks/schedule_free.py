@@ -13,6 +13,10 @@ other predictors instead, paired with the baseline rows of the full bench of the
 benches ran the same prompts, seeds and limit (checked) and the predictors place their full steps by the same rule
 (the sigma rule's power in their training logs), so that the baselines' "planned" rows ran on the same steps.
 
+Several results.json of one step count on other prompts (another `--prompts` file or `--seed`; e.g. the second
+hundred of a prompt file with `--seed 100`, so that every prompt keeps the seed it has in one run of all of them) are
+pooled per prompt into one cell; each may have its own `--lesa` file (paired by prompts and seed).
+
 `--discretisation REC [REC ...]` instead prints how far apart the final latents of recordings of the same prompts and
 seeds at different step counts are (latent PSNR, mean and median): why a schedule-free predictor trains on a
 recording per step count rather than on sub-schedules of one fine recording.
@@ -38,20 +42,13 @@ CELL_GOAL, MEAN_GOAL, V1_TOLERANCE = 0.5, 1.0, 0.5
 SAME_RUN = ("prompts", "limit", "seed", "steps", "height", "width", "guidance_scale")
 
 
-def cells(path: Path, results: dict, lesa_only: dict[int, tuple[Path, dict]] | None = None) -> list[dict]:
+def cells(path: Path, results: dict, lesa: tuple[Path, dict] | None = None) -> list[dict]:
     """Per budget of one results.json (`results`, read from `path`): the LESA seeds' per-prompt PSNR and the
-    calibrated baselines'; the LESA rows of `lesa_only[steps]` (path, results) instead where that is given."""
+    calibrated baselines'; the LESA rows of the LESA-only bench `lesa` (path, results) instead where that is given."""
     steps = results["config"]["steps"]
-    if steps in (lesa_only or {}):
-        lesa_path, other = lesa_only[steps]
-        for key in SAME_RUN:
-            if other["config"].get(key) != results["config"].get(key):
-                raise SystemExit(
-                    f"{lesa_path}: config {key!r} is {other['config'].get(key)!r}, but {path} ran "
-                    f"{results['config'].get(key)!r}; LESA rows pair only with a bench of the same prompts and seeds"
-                )
+    if lesa is not None:
         runs = [r for r in results["runs"].values() if r["family"] != "lesa"]
-        runs += [r for r in other["runs"].values() if r["family"] == "lesa"]
+        runs += [r for r in lesa[1]["runs"].values() if r["family"] == "lesa"]
         results = {**results, "runs": dict(enumerate(runs))}
     speedups = {full_step_count(steps, s): s for s in results["config"].get("speedups") or []}
     by_count: dict[int, dict] = {}
@@ -74,11 +71,70 @@ def cells(path: Path, results: dict, lesa_only: dict[int, tuple[Path, dict]] | N
     return out
 
 
+def pair_lesa(benches: dict[Path, dict], lesa_files: dict[Path, dict]) -> dict[Path, tuple[Path, dict]]:
+    """Each LESA-only bench's full bench: the one of the same prompts, seeds, limit, steps and size (refused when
+    there is none, naming the setting that differs from a bench of its step count)."""
+    paired: dict[Path, tuple[Path, dict]] = {}
+    for lesa_path, other in lesa_files.items():
+        steps = other["config"]["steps"]
+        same_steps = [p for p, b in benches.items() if b["config"]["steps"] == steps]
+        if not same_steps:
+            raise SystemExit(f"{lesa_path}: a bench of {steps} steps, but no results.json given holds {steps} steps")
+        match = [p for p in same_steps if all(benches[p]["config"].get(k) == other["config"].get(k) for k in SAME_RUN)]
+        if not match:
+            path = same_steps[0]
+            key = next(k for k in SAME_RUN if benches[path]["config"].get(k) != other["config"].get(k))
+            raise SystemExit(
+                f"{lesa_path}: config {key!r} is {other['config'].get(key)!r}, but {path} ran "
+                f"{benches[path]['config'].get(key)!r}; LESA rows pair only with a bench of the same prompts and seeds"
+            )
+        if match[0] in paired:
+            raise SystemExit(f"{lesa_path} and {paired[match[0]][0]}: two LESA-only benches for {match[0]}")
+        paired[match[0]] = (lesa_path, other)
+    return paired
+
+
+POOLED_SAME = ("steps", "height", "width", "guidance_scale")
+
+
+def pooled_cells(benches: dict[Path, dict], lesa: dict[Path, tuple[Path, dict]]) -> list[dict]:
+    """The cells of every bench, those of one step count on other prompts pooled per prompt (in the order given)."""
+    pooled: dict[tuple[int, int], dict] = {}
+    first_of: dict[int, Path] = {}
+    runs: dict[tuple, Path] = {}
+    for path, results in benches.items():
+        config = results["config"]
+        steps = config["steps"]
+        ref = first_of.setdefault(steps, path)
+        differ = [k for k in POOLED_SAME if benches[ref]["config"].get(k) != config.get(k)]
+        if differ:
+            raise SystemExit(f"{path} and {ref} differ in {differ}: not pooled")
+        run = (steps, config.get("prompts"), config.get("seed"))
+        if run in runs:
+            raise SystemExit(f"{path} and {runs[run]} ran the same prompts and seeds: pooling would count them twice")
+        runs[run] = path
+        for cell in cells(path, results, lesa.get(path)):
+            key = (steps, cell["full"])
+            if key not in pooled:
+                pooled[key] = cell
+                continue
+            into = pooled[key]
+            for part in ("lesa", "baselines"):
+                if set(into[part]) != set(cell[part]):
+                    raise SystemExit(
+                        f"{path}: {steps} steps with {cell['full']} full steps holds {part} rows "
+                        f"{sorted(cell[part])}, another file of its step count {sorted(into[part])}: not pooled"
+                    )
+                for name, values in cell[part].items():
+                    into[part][name] = into[part][name] + values
+    return list(pooled.values())
+
+
 def acceptance(
     benches: dict[Path, dict],
     v1: dict[float, float],
     min_full: int = 4,
-    lesa_only: dict[int, tuple[Path, dict]] | None = None,
+    lesa: dict[Path, tuple[Path, dict]] | None = None,
 ) -> None:
     table_head(
         "steps",
@@ -91,37 +147,36 @@ def acceptance(
         "goal +0.5",
     )
     margins, notes = [], []
-    for path, results in benches.items():
-        for cell in cells(path, results, lesa_only):
-            if cell["full"] < min_full:
-                continue
-            seeds = list(cell["lesa"].values())
-            n = len(seeds[0])
-            lesa = [mean(s[i] for s in seeds) for i in range(n)]
-            name, base = max(cell["baselines"].items(), key=lambda kv: mean_se(kv[1])[0])
-            diff = [a - b for a, b in zip(lesa, base, strict=True)]
-            m, se = mean_se(diff)
-            per_seed = ", ".join(f"{mean_se([a - b for a, b in zip(s, base, strict=True)])[0]:+.2f}" for s in seeds)
-            margins.append(m)
-            lead = sum(d > 0 for d in diff)
-            table_row(
-                cell["steps"],
-                f"x{cell['speedup']:g} ({cell['full']})",
-                f"{mean_se(lesa)[0]:.2f} ({', '.join(f'{mean_se(s)[0]:.2f}' for s in seeds)})",
-                name,
-                f"{mean_se(base)[0]:.2f}",
-                f"{m:+.2f} ± {se:.2f} ({per_seed})",
-                f"{lead} of {n}",
-                "met" if m >= CELL_GOAL else "not met",
+    for cell in pooled_cells(benches, lesa or {}):
+        if cell["full"] < min_full:
+            continue
+        seeds = list(cell["lesa"].values())
+        n = len(seeds[0])
+        forecast = [mean(s[i] for s in seeds) for i in range(n)]
+        name, base = max(cell["baselines"].items(), key=lambda kv: mean_se(kv[1])[0])
+        diff = [a - b for a, b in zip(forecast, base, strict=True)]
+        m, se = mean_se(diff)
+        per_seed = ", ".join(f"{mean_se([a - b for a, b in zip(s, base, strict=True)])[0]:+.2f}" for s in seeds)
+        margins.append(m)
+        lead = sum(d > 0 for d in diff)
+        table_row(
+            cell["steps"],
+            f"x{cell['speedup']:g} ({cell['full']})",
+            f"{mean_se(forecast)[0]:.2f} ({', '.join(f'{mean_se(s)[0]:.2f}' for s in seeds)})",
+            name,
+            f"{mean_se(base)[0]:.2f}",
+            f"{m:+.2f} ± {se:.2f} ({per_seed})",
+            f"{lead} of {n}",
+            "met" if m >= CELL_GOAL else "not met",
+        )
+        if cell["steps"] == 50 and cell["speedup"] in v1:
+            own = mean_se(forecast)[0]
+            ref = v1[cell["speedup"]]
+            verdict = "within" if own >= ref - V1_TOLERANCE else "not within"
+            notes.append(
+                f"50 steps x{cell['speedup']:g}: {own:.2f} dB against the format-1 pair's {ref:.2f} "
+                f"({own - ref:+.2f}; {verdict} {V1_TOLERANCE} dB)"
             )
-            if cell["steps"] == 50 and cell["speedup"] in v1:
-                own = mean_se(lesa)[0]
-                ref = v1[cell["speedup"]]
-                verdict = "within" if own >= ref - V1_TOLERANCE else "not within"
-                notes.append(
-                    f"50 steps x{cell['speedup']:g}: {own:.2f} dB against the format-1 pair's {ref:.2f} "
-                    f"({own - ref:+.2f}; {verdict} {V1_TOLERANCE} dB)"
-                )
     for note in notes:
         print(f"\n{note}")
     if margins:
@@ -160,15 +215,12 @@ def main() -> None:
         discretisation(args.paths)
         return
     v1 = {float(k): float(v) for k, v in (item.split("=") for item in args.v1)}
+    for given in (args.paths, args.lesa):
+        if len(set(given)) < len(given):
+            raise SystemExit(f"a results.json given twice: {sorted(str(p) for p in given if given.count(p) > 1)[0]}")
     benches = {p: json.loads(p.read_text()) for p in args.paths}
-    lesa_only = {}
-    for path in args.lesa:
-        results = json.loads(path.read_text())
-        steps = results["config"]["steps"]
-        if all(b["config"]["steps"] != steps for b in benches.values()):
-            raise SystemExit(f"{path}: a bench of {steps} steps, but no results.json given holds {steps} steps")
-        lesa_only[steps] = (path, results)
-    acceptance(benches, v1, args.min_full, lesa_only)
+    lesa = pair_lesa(benches, {p: json.loads(p.read_text()) for p in args.lesa})
+    acceptance(benches, v1, args.min_full, lesa)
 
 
 if __name__ == "__main__":
