@@ -8,10 +8,10 @@ against the format-1 pairs' PSNR.
     python benchmarks/schedule_free.py runs/bench-sf-20/results.json runs/bench-sf-28/results.json \\
         runs/bench-sf-50/results.json --v1 5=40.80 --v1 6.25=34.12
 
-`--lesa RESULTS` (one per step count) takes the LESA rows from a LESA-only bench (`lesa bench --methods lesa`) of
-other predictors instead, paired with the baseline rows of the full bench of the same step count: valid when both
-benches ran the same prompts, seeds and limit (checked) and the predictors place their full steps by the same rule
-(the sigma rule's power in their training logs), so that the baselines' "planned" rows ran on the same steps.
+`--lesa RESULTS` (at most one per full bench) takes the LESA rows from a LESA-only bench (`lesa bench --methods
+lesa`) of other predictors instead, paired with the baseline rows of the full bench of the same prompts and seeds:
+valid when the predictors place their full steps by the same rule (the sigma rule's power in their training logs),
+so that the baselines' "planned" rows ran on the same steps.
 
 Several results.json of one step count on other prompts (another `--prompts` file or `--seed`; e.g. the second
 hundred of a prompt file with `--seed 100`, so that every prompt keeps the seed it has in one run of all of them) are
@@ -39,16 +39,17 @@ CALIBRATED = ("fora", "fora-corrected", "taylorseer-damped", "taylorseer-damped-
 CELL_GOAL, MEAN_GOAL, V1_TOLERANCE = 0.5, 1.0, 0.5
 
 
-SAME_RUN = ("prompts", "limit", "seed", "steps", "height", "width", "guidance_scale")
+POOLED_SAME = ("steps", "height", "width", "guidance_scale")  # what files pooled into one cell share
+SAME_RUN = ("prompts", "limit", "seed", *POOLED_SAME)  # what a LESA-only bench shares with its full bench
 
 
-def cells(path: Path, results: dict, lesa: tuple[Path, dict] | None = None) -> list[dict]:
-    """Per budget of one results.json (`results`, read from `path`): the LESA seeds' per-prompt PSNR and the
-    calibrated baselines'; the LESA rows of the LESA-only bench `lesa` (path, results) instead where that is given."""
+def cells(results: dict, lesa: dict | None = None) -> list[dict]:
+    """Per budget of one results.json: the LESA seeds' per-prompt PSNR and the calibrated baselines'; the LESA rows
+    of the LESA-only bench `lesa` instead where that is given."""
     steps = results["config"]["steps"]
     if lesa is not None:
         runs = [r for r in results["runs"].values() if r["family"] != "lesa"]
-        runs += [r for r in lesa[1]["runs"].values() if r["family"] == "lesa"]
+        runs += [r for r in lesa["runs"].values() if r["family"] == "lesa"]
         results = {**results, "runs": dict(enumerate(runs))}
     speedups = {full_step_count(steps, s): s for s in results["config"].get("speedups") or []}
     by_count: dict[int, dict] = {}
@@ -71,10 +72,11 @@ def cells(path: Path, results: dict, lesa: tuple[Path, dict] | None = None) -> l
     return out
 
 
-def pair_lesa(benches: dict[Path, dict], lesa_files: dict[Path, dict]) -> dict[Path, tuple[Path, dict]]:
-    """Each LESA-only bench's full bench: the one of the same prompts, seeds, limit, steps and size (refused when
+def pair_lesa(benches: dict[Path, dict], lesa_files: dict[Path, dict]) -> dict[Path, dict]:
+    """Each full bench's LESA-only bench: the one of the same prompts, seeds, limit, steps and size (refused when
     there is none, naming the setting that differs from a bench of its step count)."""
-    paired: dict[Path, tuple[Path, dict]] = {}
+    paired: dict[Path, dict] = {}
+    claimed: dict[Path, Path] = {}
     for lesa_path, other in lesa_files.items():
         steps = other["config"]["steps"]
         same_steps = [p for p, b in benches.items() if b["config"]["steps"] == steps]
@@ -88,16 +90,14 @@ def pair_lesa(benches: dict[Path, dict], lesa_files: dict[Path, dict]) -> dict[P
                 f"{lesa_path}: config {key!r} is {other['config'].get(key)!r}, but {path} ran "
                 f"{benches[path]['config'].get(key)!r}; LESA rows pair only with a bench of the same prompts and seeds"
             )
-        if match[0] in paired:
-            raise SystemExit(f"{lesa_path} and {paired[match[0]][0]}: two LESA-only benches for {match[0]}")
-        paired[match[0]] = (lesa_path, other)
+        if match[0] in claimed:
+            raise SystemExit(f"{lesa_path} and {claimed[match[0]]}: two LESA-only benches for {match[0]}")
+        claimed[match[0]] = lesa_path
+        paired[match[0]] = other
     return paired
 
 
-POOLED_SAME = ("steps", "height", "width", "guidance_scale")
-
-
-def pooled_cells(benches: dict[Path, dict], lesa: dict[Path, tuple[Path, dict]]) -> list[dict]:
+def pooled_cells(benches: dict[Path, dict], lesa: dict[Path, dict]) -> list[dict]:
     """The cells of every bench, those of one step count on other prompts pooled per prompt (in the order given)."""
     pooled: dict[tuple[int, int], dict] = {}
     first_of: dict[int, Path] = {}
@@ -113,7 +113,7 @@ def pooled_cells(benches: dict[Path, dict], lesa: dict[Path, tuple[Path, dict]])
         if run in runs:
             raise SystemExit(f"{path} and {runs[run]} ran the same prompts and seeds: pooling would count them twice")
         runs[run] = path
-        for cell in cells(path, results, lesa.get(path)):
+        for cell in cells(results, lesa.get(path)):
             key = (steps, cell["full"])
             if key not in pooled:
                 pooled[key] = cell
@@ -134,7 +134,7 @@ def acceptance(
     benches: dict[Path, dict],
     v1: dict[float, float],
     min_full: int = 4,
-    lesa: dict[Path, tuple[Path, dict]] | None = None,
+    lesa: dict[Path, dict] | None = None,
 ) -> None:
     table_head(
         "steps",
@@ -217,7 +217,7 @@ def main() -> None:
     v1 = {float(k): float(v) for k, v in (item.split("=") for item in args.v1)}
     for given in (args.paths, args.lesa):
         if len(set(given)) < len(given):
-            raise SystemExit(f"a results.json given twice: {sorted(str(p) for p in given if given.count(p) > 1)[0]}")
+            raise SystemExit(f"a results.json given twice: {next(p for p in given if given.count(p) > 1)}")
     benches = {p: json.loads(p.read_text()) for p in args.paths}
     lesa = pair_lesa(benches, {p: json.loads(p.read_text()) for p in args.lesa})
     acceptance(benches, v1, args.min_full, lesa)
